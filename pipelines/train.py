@@ -1,0 +1,15 @@
+"""Stage 4: Lightning training with the tuned parameters (see dlpipe.train)."""
+
+import hydra
+from omegaconf import DictConfig
+
+from dlpipe.train import train
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()

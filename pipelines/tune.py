@@ -1,0 +1,15 @@
+"""Stage 3: Optuna study over the model's search space (see dlpipe.tune)."""
+
+import hydra
+from omegaconf import DictConfig
+
+from dlpipe.tune import tune
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    tune(cfg)
+
+
+if __name__ == "__main__":
+    main()

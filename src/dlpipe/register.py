@@ -1,0 +1,123 @@
+"""Stage 6: log the model as an MLflow pyfunc, register it as `@challenger`, and promote it to
+`@champion` only when its test metric beats the current champion's."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow import MlflowClient
+from mlflow.models import infer_signature
+from omegaconf import DictConfig
+
+import dlpipe
+from dlpipe.module import Classifier
+from dlpipe.preprocess import load_meta, load_split
+from dlpipe import serving
+from dlpipe.serving import ImageClassifier
+from dlpipe.tracking import setup_mlflow, write_json
+
+log = logging.getLogger(__name__)
+
+
+def champion_gate(challenger: float, champion: float | None) -> bool:
+    """Promote when there is no champion yet, or the challenger is strictly better."""
+    return champion is None or challenger > champion
+
+
+def log_pyfunc(run_id: str, checkpoint: str, meta: dict[str, Any], example: np.ndarray) -> str:
+    """Log the checkpoint's network as a pyfunc on `run_id`; returns the model URI."""
+    module = Classifier.load_from_checkpoint(checkpoint, map_location="cpu")
+    spec = {
+        "model": dict(module.hparams.model),
+        "input_shape": list(meta["input_shape"]),
+        "classes": list(meta["classes"]),
+        "mean": list(meta["mean"]),
+        "std": list(meta["std"]),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "spec.json").write_text(json.dumps(spec, indent=2))
+        torch.save(module.net.state_dict(), Path(tmp) / "weights.pt")
+        artifacts = {"spec": f"{tmp}/spec.json", "weights": f"{tmp}/weights.pt"}
+        loaded = ImageClassifier()  # only to compute the output side of the signature
+        loaded.load_context(mlflow.pyfunc.PythonModelContext(artifacts, None))
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=Path(serving.__file__),
+                artifacts=artifacts,
+                # The package travels with the model, so it loads where dlpipe is not installed.
+                code_paths=[str(Path(dlpipe.__file__).parent)],
+                signature=infer_signature(example, loaded.predict(None, example)),
+                input_example=example,
+                pip_requirements=[
+                    f"torch=={torch.__version__.split('+')[0]}",
+                    f"numpy=={np.__version__}",
+                    f"pandas=={pd.__version__}",
+                    f"mlflow=={mlflow.__version__}",
+                ],
+            )
+    return info.model_uri
+
+
+def register(cfg: DictConfig) -> dict[str, Any]:
+    run = json.loads((Path(cfg.paths.train) / "run.json").read_text())
+    metrics = json.loads((Path(cfg.paths.reports) / "evaluate" / "metrics.json").read_text())
+    metric = cfg.register.metric
+    if metric not in metrics:
+        raise KeyError(
+            f"register.metric={metric!r} is not among the evaluated metrics {sorted(metrics)}"
+        )
+    meta = load_meta(cfg.paths.processed)
+    example = load_split(cfg.paths.processed, "test")[0][:2]
+
+    setup_mlflow(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
+    client = MlflowClient()
+    name = cfg.register.model_name
+    model_uri = log_pyfunc(run["run_id"], run["best_checkpoint"], meta, example)
+    version = mlflow.register_model(model_uri, name).version
+    client.set_registered_model_alias(name, "challenger", version)
+
+    aliases = client.get_registered_model(name).aliases
+    champion = client.get_model_version(name, aliases["champion"]) if "champion" in aliases else None
+    champion_value = float(champion.tags[metric]) if champion is not None else None
+    challenger_value = metrics[metric]
+    promoted = champion_gate(challenger_value, champion_value)
+    if promoted:
+        client.set_registered_model_alias(name, "champion", version)
+        decision = "promoted to champion" + (f" over v{champion.version}" if champion else "")
+    else:
+        decision = f"kept v{champion.version} as champion"
+    for key, value in {
+        metric: challenger_value,
+        "gate.champion_version": champion.version if champion else "none",
+        "gate.champion_value": champion_value if champion else "none",
+        "gate.decision": decision,
+    }.items():
+        client.set_model_version_tag(name, version, key, str(value))
+    client.update_model_version(
+        name,
+        version,
+        description=f"{metric}={challenger_value:.4f} vs champion "
+        f"{'none' if champion_value is None else f'{champion_value:.4f}'}: {decision}",
+    )
+    result = {
+        "model_name": name,
+        "version": int(version),
+        "model_uri": f"models:/{name}/{version}",
+        "metric": metric,
+        "value": challenger_value,
+        "champion_value_before": champion_value,
+        "decision": decision,
+        "champion_version": int(version) if promoted else int(champion.version),
+    }
+    write_json(Path(cfg.paths.reports) / "register.json", result)
+    log.info("registered %s v%s (%s=%.4f): %s", name, version, metric, challenger_value, decision)
+    return result

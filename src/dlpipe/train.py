@@ -1,0 +1,185 @@
+"""Stage 4: Lightning training. `fit` is the one training path; tuning trials call it too."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import yaml
+from lightning.pytorch.callbacks import (
+    Callback,
+    EarlyStopping,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    TQDMProgressBar,
+)
+from lightning.pytorch.loggers import MLFlowLogger
+from omegaconf import DictConfig, OmegaConf
+
+from dlpipe.datamodule import TensorDataModule
+from dlpipe.module import Classifier
+from dlpipe.tracking import check_reachable, flatten, provenance_tags, tracking_uri, write_json
+
+log = logging.getLogger(__name__)
+
+MONITOR = "val/acc"
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class FailOnNonFinite(Callback):
+    """Stops a diverged run with a message that says what to change (checked once per epoch,
+    from the already-aggregated epoch loss, so the training loop itself never syncs)."""
+
+    def __init__(self, lr: float):
+        self.lr = lr
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise NonFiniteLossError(
+                f"train/loss became {float(loss)} in epoch {trainer.current_epoch}: training "
+                f"diverged. Lower optim.lr (now {self.lr}), set trainer.gradient_clip_val=1.0, "
+                "or check the data for NaN/inf values."
+            )
+
+
+def to_dict(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def with_overrides(cfg: DictConfig, overrides: Mapping[str, Any]) -> DictConfig:
+    """A copy of `cfg` with dotted keys set, e.g. {"optim.lr": 1e-3}; unknown keys are errors."""
+    cfg = cfg.copy()
+    for key, value in overrides.items():
+        if not _has_key(cfg, key):
+            raise KeyError(f"override {key!r} names no config key; check the spelling")
+        OmegaConf.update(cfg, key, value, merge=False)
+    return cfg
+
+
+def _has_key(cfg: DictConfig, dotted: str) -> bool:
+    *parents, leaf = dotted.split(".")
+    node = OmegaConf.select(cfg, ".".join(parents)) if parents else cfg
+    return isinstance(node, DictConfig) and leaf in node
+
+
+def tuned_params(tune_dir: str | Path) -> dict[str, Any]:
+    path = Path(tune_dir) / "best_params.yaml"
+    return yaml.safe_load(path.read_text()) if path.exists() else {}
+
+
+def fit(
+    cfg: DictConfig,
+    *,
+    run_name: str,
+    max_epochs: int | None = None,
+    callbacks: Iterable[Callback] = (),
+    tags: Mapping[str, str] | None = None,
+    ckpt_dir: Path | None = None,
+    ckpt_path: Path | None = None,
+) -> tuple[L.Trainer, MLFlowLogger]:
+    """Train the configured model on the processed data, logging to an MLflow run `run_name`."""
+    L.seed_everything(cfg.seed, workers=True)
+    data = TensorDataModule(cfg.paths.processed, cfg.train.batch_size, cfg.seed)
+    meta = data.meta
+    module = Classifier(
+        model=to_dict(cfg.model),
+        input_shape=meta["input_shape"],
+        num_classes=meta["num_classes"],
+        mean=meta["mean"],
+        std=meta["std"],
+        optim=to_dict(cfg.optim),
+        label_smoothing=cfg.train.label_smoothing,
+        compile=cfg.train.compile,
+    )
+    uri = tracking_uri(cfg.mlflow.tracking_uri)
+    check_reachable(uri)
+    logger = MLFlowLogger(
+        experiment_name=cfg.mlflow.experiment,
+        run_name=run_name,
+        tracking_uri=uri,
+        tags={**provenance_tags(meta), **(tags or {})},
+    )
+    # Rank-zero only (like every logger call): records the run's full resolved config.
+    logger.log_hyperparams(
+        {k: v for k, v in flatten(to_dict(cfg)).items() if not k.startswith("search.")}
+    )
+
+    trainer_kwargs = to_dict(cfg.trainer)
+    if max_epochs is not None:
+        trainer_kwargs["max_epochs"] = max_epochs
+    all_callbacks: list[Callback] = [FailOnNonFinite(cfg.optim.lr), LearningRateMonitor("epoch")]
+    if trainer_kwargs.get("enable_progress_bar", True):
+        # Refreshing every step costs a host sync per step; a few updates per second is plenty.
+        all_callbacks.append(TQDMProgressBar(refresh_rate=cfg.train.progress_refresh_steps))
+    if cfg.train.early_stopping_patience:
+        all_callbacks.append(
+            EarlyStopping(MONITOR, mode="max", patience=cfg.train.early_stopping_patience)
+        )
+    if ckpt_dir is not None:
+        all_callbacks.append(
+            ModelCheckpoint(ckpt_dir, filename="best", monitor=MONITOR, mode="max", save_last=True)
+        )
+    trainer = L.Trainer(
+        **trainer_kwargs,
+        logger=logger,
+        callbacks=all_callbacks + list(callbacks),
+        enable_checkpointing=ckpt_dir is not None,
+        enable_model_summary=False,
+        log_every_n_steps=cfg.train.log_every_n_steps,
+    )
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return trainer, logger
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit with the tuned parameters; write checkpoints and `run.json` (the MLflow run id) for
+    the stages that follow."""
+    tuned = tuned_params(cfg.paths.tune) if cfg.train.use_tuned else {}
+    if tuned:
+        log.info("applying tuned parameters from %s: %s", cfg.paths.tune, tuned)
+        cfg = with_overrides(cfg, tuned)
+    out = Path(cfg.paths.train)
+    ckpt_dir = out / "checkpoints"
+    resume_from = ckpt_dir / "last.ckpt" if cfg.train.resume else None
+    if resume_from is not None and not resume_from.exists():
+        raise FileNotFoundError(
+            f"train.resume=true but {resume_from} does not exist: run without train.resume first"
+        )
+    if resume_from is None and ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)  # stale checkpoints of another run must not pass as this run's
+
+    trainer, logger = fit(
+        cfg, run_name="train", ckpt_dir=ckpt_dir, ckpt_path=resume_from, tags={"stage": "train"}
+    )
+    if not trainer.is_global_zero:
+        return {}
+    logger.experiment.log_dict(logger.run_id, to_dict(cfg), "config.yaml")
+    if tuned:
+        logger.experiment.log_dict(logger.run_id, tuned, "tuned_params.yaml")
+    checkpoint = trainer.checkpoint_callback
+    info = {
+        "run_id": logger.run_id,
+        "experiment_id": logger.experiment_id,
+        "tracking_uri": tracking_uri(cfg.mlflow.tracking_uri),
+        "best_checkpoint": os.path.relpath(checkpoint.best_model_path),
+        "val_acc": float(checkpoint.best_model_score),
+        "epochs": trainer.current_epoch,
+    }
+    write_json(out / "run.json", info)
+    log.info(
+        "best val/acc %.4f after %d epochs (run %s)",
+        info["val_acc"],
+        info["epochs"],
+        info["run_id"],
+    )
+    return info

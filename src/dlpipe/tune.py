@@ -1,0 +1,228 @@
+"""Stage 3: an Optuna study over the model's search space; each trial is `train.fit` on train/val.
+
+The study lives in persistent storage (SQLite by default, any Optuna RDB URL or a `.log` journal
+file), so a re-run resumes it until `tune.n_trials` trials have finished in total.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import optuna
+import yaml
+from lightning.pytorch.callbacks import Callback
+from mlflow import MlflowClient
+from omegaconf import DictConfig
+from optuna.study import MaxTrialsCallback
+from optuna.trial import TrialState
+from optuna_integration import PyTorchLightningPruningCallback
+
+from dlpipe.tracking import setup_mlflow, write_json
+from dlpipe.train import NonFiniteLossError, fit, to_dict, with_overrides
+
+log = logging.getLogger(__name__)
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+SAMPLE_TYPES = ("float", "int", "categorical")
+
+
+def suggest(trial: optuna.Trial, space: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Sample every leaf of a (nested) search space; returns {"optim.lr": 0.003, ...}."""
+    params: dict[str, Any] = {}
+    for key, spec in space.items():
+        name = f"{prefix}{key}"
+        if "type" not in spec:
+            params.update(suggest(trial, spec, f"{name}."))
+        elif spec["type"] == "float":
+            params[name] = trial.suggest_float(
+                name, spec["low"], spec["high"], log=spec.get("log", False), step=spec.get("step")
+            )
+        elif spec["type"] == "int":
+            params[name] = trial.suggest_int(
+                name,
+                spec["low"],
+                spec["high"],
+                log=spec.get("log", False),
+                step=spec.get("step", 1),
+            )
+        elif spec["type"] == "categorical":
+            params[name] = trial.suggest_categorical(name, list(spec["choices"]))
+        else:
+            raise ValueError(
+                f"search.{name}.type is {spec['type']!r}: choose one of {SAMPLE_TYPES}"
+            )
+    return params
+
+
+def study_name(cfg: DictConfig) -> str:
+    """Same data, model, search space and training setup -> same study (so a re-run resumes it);
+    any change to those starts a new one. The budget and storage are not part of the identity."""
+    if cfg.tune.study_name:
+        return cfg.tune.study_name
+    tune = {
+        k: v for k, v in to_dict(cfg.tune).items() if k not in ("n_trials", "timeout_s", "storage")
+    }
+    identity = {k: to_dict(cfg[k]) for k in ("data", "model", "optim", "train", "search")}
+    identity |= {"tune": tune, "seed": cfg.seed}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{cfg.data.name}-{cfg.model.name}-{digest}"
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    if url.endswith(".log"):  # a journal file: works on shared file systems without a database
+        from optuna.storages.journal import JournalFileBackend
+
+        Path(url).parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(url))
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    # Heartbeats let a resumed study mark trials of a killed process as failed.
+    return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=90)
+
+
+class BestScore(Callback):
+    """Best value of `monitor` over a trial's epochs: what the study maximizes."""
+
+    def __init__(self, monitor: str, maximize: bool):
+        self.monitor, self.maximize, self.value = monitor, maximize, None
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        score = trainer.callback_metrics.get(self.monitor)
+        if trainer.sanity_checking or score is None:
+            return
+        score = float(score)
+        if self.value is None or (score > self.value if self.maximize else score < self.value):
+            self.value = score
+
+
+def tune(cfg: DictConfig) -> dict[str, Any]:
+    out = Path(cfg.paths.tune)
+    storage_url = cfg.tune.storage or f"sqlite:///{cfg.paths.study_db}"
+    experiment_id = setup_mlflow(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
+    client = MlflowClient()
+    maximize = cfg.tune.direction == "maximize"
+
+    study = optuna.create_study(
+        study_name=study_name(cfg),
+        storage=open_storage(storage_url),
+        direction=cfg.tune.direction,
+        sampler=optuna.samplers.TPESampler(seed=cfg.seed),
+        pruner=optuna.pruners.MedianPruner(
+            n_startup_trials=cfg.tune.pruner.n_startup_trials,
+            n_warmup_steps=cfg.tune.pruner.n_warmup_steps,
+        ),
+        load_if_exists=True,
+    )
+    # One MLflow parent run per study, reopened when the study resumes.
+    parent_id = study.user_attrs.get("mlflow_run_id")
+    if parent_id is None:
+        parent_id = client.create_run(
+            experiment_id, run_name="tune", tags={"stage": "tune", "optuna.study": study.study_name}
+        ).info.run_id
+        study.set_user_attr("mlflow_run_id", parent_id)
+        client.log_dict(parent_id, to_dict(cfg.search), "search_space.yaml")
+    else:
+        client.update_run(parent_id, status="RUNNING")
+
+    # Trials run on one device: a DDP launcher would re-execute this whole script per rank.
+    trial_base = with_overrides(
+        cfg,
+        {"trainer.devices": 1, "trainer.strategy": "auto", "trainer.enable_progress_bar": False},
+    )
+
+    def objective(trial: optuna.Trial) -> float:
+        params = suggest(trial, to_dict(cfg.search))
+        best = BestScore(cfg.tune.metric, maximize)
+        tags = {"mlflow.parentRunId": parent_id, "stage": "tune", "optuna.trial": str(trial.number)}
+        trainer, logger = None, None
+        try:
+            trainer, logger = fit(
+                with_overrides(trial_base, params),
+                run_name=f"trial-{trial.number}",
+                max_epochs=cfg.tune.max_epochs,
+                callbacks=[PyTorchLightningPruningCallback(trial, monitor=cfg.tune.metric), best],
+                tags=tags,
+            )
+        except optuna.TrialPruned:
+            _mark_child(client, parent_id, trial.number, "pruned")
+            raise
+        except NonFiniteLossError:
+            _mark_child(client, parent_id, trial.number, "diverged")
+            raise
+        if best.value is None:
+            raise RuntimeError(f"trial {trial.number} never reported {cfg.tune.metric}")
+        return best.value
+
+    finished = [t for t in study.get_trials(deepcopy=False) if t.state in FINISHED]
+    remaining = cfg.tune.n_trials - len(finished)
+    if remaining > 0:
+        log.info(
+            "study %s: %d trials done, running %d more", study.study_name, len(finished), remaining
+        )
+        study.optimize(
+            objective,
+            n_trials=remaining,
+            timeout=cfg.tune.timeout_s,
+            # Other workers sharing the storage count towards the same total budget.
+            callbacks=[MaxTrialsCallback(cfg.tune.n_trials, states=FINISHED)],
+            catch=(NonFiniteLossError,),  # a diverged trial fails; the study goes on
+            gc_after_trial=True,
+        )
+    else:
+        log.info(
+            "study %s already has %d finished trials; nothing to run",
+            study.study_name,
+            len(finished),
+        )
+
+    completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not completed:
+        client.set_terminated(parent_id, status="FAILED")
+        raise RuntimeError(
+            f"study {study.study_name} has no completed trial (all pruned or failed): check the "
+            "trial runs in MLflow, widen the search space or raise tune.n_trials"
+        )
+    counts = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,))) for s in FINISHED}
+    summary = {
+        "study_name": study.study_name,
+        "storage": storage_url,
+        "best_trial": study.best_trial.number,
+        "best_value": study.best_value,
+        "metric": cfg.tune.metric,
+        "trials": counts,
+        "mlflow_run_id": parent_id,
+    }
+    client.log_params(parent_id, {f"best.{k}": v for k, v in study.best_params.items()})
+    client.log_metric(parent_id, f"best/{cfg.tune.metric}", study.best_value)
+    for state, n in counts.items():
+        client.log_metric(parent_id, f"trials/{state}", n)
+    client.set_terminated(parent_id)
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "best_params.yaml").write_text(yaml.safe_dump(study.best_params, sort_keys=True))
+    write_json(out / "study.json", summary)
+    log.info(
+        "best %s %.4f (trial %d): %s",
+        cfg.tune.metric,
+        study.best_value,
+        study.best_trial.number,
+        study.best_params,
+    )
+    return summary
+
+
+def _mark_child(client: MlflowClient, parent_id: str, number: int, outcome: str) -> None:
+    """Tag a trial's MLflow run with why it stopped early (Lightning marks it FAILED)."""
+    runs = client.search_runs(
+        [client.get_run(parent_id).info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`optuna.trial` = '{number}'",
+    )
+    for run in runs:
+        client.set_tag(run.info.run_id, "optuna.outcome", outcome)
+        client.set_terminated(run.info.run_id, status="KILLED")
