@@ -56,7 +56,7 @@ class Classifier(L.LightningModule):
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
         self.train_acc(logits, y)
         # Epoch aggregates only: values stay on the device, no host sync inside the loop.
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
 
@@ -88,8 +88,12 @@ class Classifier(L.LightningModule):
         if schedule == "cosine":
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
         elif schedule == "onecycle":
+            # OneCycleLR divides by (warm-up steps - 1) and by the steps after it: both need >= 2.
+            warmup = max(2, round(opt["warmup_fraction"] * steps))
+            if steps < warmup + 2:
+                return optimizer  # a handful of steps (smoke runs): constant lr
             scheduler = torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=lr, total_steps=steps, pct_start=opt["warmup_fraction"]
+                optimizer, max_lr=lr, total_steps=steps, pct_start=warmup / steps
             )
         else:
             raise ValueError(f"unknown optim.scheduler {schedule!r}: choose one of {SCHEDULERS}")

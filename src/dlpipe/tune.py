@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import optuna
 import yaml
 from lightning.pytorch.callbacks import Callback
 from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
 from omegaconf import DictConfig
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
@@ -112,13 +114,15 @@ def tune(cfg: DictConfig) -> dict[str, Any]:
         study_name=study_name(cfg),
         storage=open_storage(storage_url),
         direction=cfg.tune.direction,
-        sampler=optuna.samplers.TPESampler(seed=cfg.seed),
         pruner=optuna.pruners.MedianPruner(
             n_startup_trials=cfg.tune.pruner.n_startup_trials,
             n_warmup_steps=cfg.tune.pruner.n_warmup_steps,
         ),
         load_if_exists=True,
     )
+    # Seeded by how far the study already got: a resumed study reseeded with cfg.seed alone would
+    # replay its first invocation's random start and re-run trials it already has.
+    study.sampler = optuna.samplers.TPESampler(seed=cfg.seed + len(study.trials))
     # One MLflow parent run per study, reopened when the study resumes.
     parent_id = study.user_attrs.get("mlflow_run_id")
     if parent_id is None:
@@ -198,10 +202,13 @@ def tune(cfg: DictConfig) -> dict[str, Any]:
         "trials": counts,
         "mlflow_run_id": parent_id,
     }
-    client.log_params(parent_id, {f"best.{k}": v for k, v in study.best_params.items()})
-    client.log_metric(parent_id, f"best/{cfg.tune.metric}", study.best_value)
-    for state, n in counts.items():
-        client.log_metric(parent_id, f"trials/{state}", n)
+    now = int(time.time() * 1000)
+    client.log_batch(
+        parent_id,
+        params=[Param(f"best.{k}", str(v)) for k, v in study.best_params.items()],
+        metrics=[Metric(f"best/{cfg.tune.metric}", study.best_value, now, 0)]
+        + [Metric(f"trials/{state}", n, now, 0) for state, n in counts.items()],
+    )
     client.set_terminated(parent_id)
 
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,17 @@
+"""Stage 1: download and verify the raw dataset (see dlpipe.collect)."""
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from dlpipe.collect import collect
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    collect(OmegaConf.to_container(cfg.data, resolve=True), Path(cfg.paths.raw))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""Stage 2: split and decode the raw dataset into train/val/test arrays (see dlpipe.preprocess)."""
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from dlpipe.preprocess import preprocess
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    preprocess(
+        OmegaConf.to_container(cfg.data, resolve=True),
+        Path(cfg.paths.raw),
+        Path(cfg.paths.processed),
+        cfg.seed,
+    )
+
+
+if __name__ == "__main__":
+    main()
