@@ -25,8 +25,8 @@ from torchmetrics.functional.classification import (
     multiclass_recall,
 )
 
-from dlpipe.module import Classifier
 from dlpipe.preprocess import load_meta, load_split
+from dlpipe.serving import load_checkpoint
 from dlpipe.tracking import setup_mlflow, write_json
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     run = json.loads((Path(cfg.paths.train) / "run.json").read_text())
     meta = load_meta(cfg.paths.processed)
     classes = meta["classes"]
-    net = Classifier.load_from_checkpoint(run["best_checkpoint"], map_location="cpu").net
+    net, _ = load_checkpoint(run["best_checkpoint"])
     x, y = load_split(cfg.paths.processed, "test")
     target = torch.from_numpy(y)
     logits = predict_logits(net, x)

@@ -33,14 +33,8 @@ class Classifier(L.LightningModule):
         super().__init__()
         # Recorded in the checkpoint so it rebuilds on its own; MLflow gets the full config instead.
         self.save_hyperparameters(logger=False)
-        model = dict(model)
         self.net = create_model(
-            model.pop("name"),
-            input_shape=input_shape,
-            num_classes=num_classes,
-            mean=mean,
-            std=std,
-            **model,
+            input_shape=input_shape, num_classes=num_classes, mean=mean, std=std, **model
         )
         # Kept out of the module tree so the state_dict keys stay those of `net`.
         self.__dict__["_forward"] = torch.compile(self.net) if compile else self.net

@@ -18,10 +18,9 @@ from mlflow.models import infer_signature
 from omegaconf import DictConfig
 
 import dlpipe
-from dlpipe.module import Classifier
 from dlpipe.preprocess import load_meta, load_split
 from dlpipe import serving
-from dlpipe.serving import ImageClassifier
+from dlpipe.serving import ImageClassifier, load_checkpoint
 from dlpipe.tracking import setup_mlflow, write_json
 
 log = logging.getLogger(__name__)
@@ -34,9 +33,9 @@ def champion_gate(challenger: float, champion: float | None) -> bool:
 
 def log_pyfunc(run_id: str, checkpoint: str, meta: dict[str, Any], example: np.ndarray) -> str:
     """Log the checkpoint's network as a pyfunc on `run_id`; returns the model URI."""
-    module = Classifier.load_from_checkpoint(checkpoint, map_location="cpu")
+    net, hparams = load_checkpoint(checkpoint)
     spec = {
-        "model": dict(module.hparams.model),
+        "model": hparams["model"],
         "input_shape": list(meta["input_shape"]),
         "classes": list(meta["classes"]),
         "mean": list(meta["mean"]),
@@ -44,7 +43,7 @@ def log_pyfunc(run_id: str, checkpoint: str, meta: dict[str, Any], example: np.n
     }
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "spec.json").write_text(json.dumps(spec, indent=2))
-        torch.save(module.net.state_dict(), Path(tmp) / "weights.pt")
+        torch.save(net.state_dict(), Path(tmp) / "weights.pt")
         artifacts = {"spec": f"{tmp}/spec.json", "weights": f"{tmp}/weights.pt"}
         loaded = ImageClassifier()  # only to compute the output side of the signature
         loaded.load_context(mlflow.pyfunc.PythonModelContext(artifacts, None))

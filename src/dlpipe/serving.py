@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import mlflow.models
@@ -22,7 +23,13 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         with open(context.artifacts["spec"]) as f:
             self.spec = json.load(f)
-        self.net = build_net(self.spec)
+        self.net = create_model(
+            input_shape=self.spec["input_shape"],
+            num_classes=len(self.spec["classes"]),
+            mean=self.spec["mean"],
+            std=self.spec["std"],
+            **self.spec["model"],
+        )
         self.net.load_state_dict(torch.load(context.artifacts["weights"], map_location="cpu"))
         self.net.eval()
 
@@ -45,17 +52,21 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         return frame
 
 
-def build_net(spec: dict[str, Any]) -> torch.nn.Module:
-    """The network (preprocessing included) described by a spec written at registration."""
-    model = dict(spec["model"])
-    return create_model(
-        model.pop("name"),
-        input_shape=spec["input_shape"],
-        num_classes=len(spec["classes"]),
-        mean=spec["mean"],
-        std=spec["std"],
-        **model,
+def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The shippable network of a training checkpoint and its hyperparameters, rebuilt without
+    importing Lightning (evaluate and register start seconds faster)."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    hparams = checkpoint["hyper_parameters"]
+    net = create_model(
+        input_shape=hparams["input_shape"],
+        num_classes=hparams["num_classes"],
+        mean=hparams["mean"],
+        std=hparams["std"],
+        **hparams["model"],
     )
+    weights = checkpoint["state_dict"]
+    net.load_state_dict({k.removeprefix("net."): v for k, v in weights.items() if k.startswith("net.")})
+    return net.eval(), hparams
 
 
 # MLflow "models from code": `log_model(python_model=<this file>)` loads the model from here.

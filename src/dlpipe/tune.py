@@ -19,7 +19,7 @@ import optuna
 import yaml
 from lightning.pytorch.callbacks import Callback
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, RunTag
 from omegaconf import DictConfig
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
@@ -205,7 +205,8 @@ def tune(cfg: DictConfig) -> dict[str, Any]:
     now = int(time.time() * 1000)
     client.log_batch(
         parent_id,
-        params=[Param(f"best.{k}", str(v)) for k, v in study.best_params.items()],
+        # Tags, not params: MLflow params are write-once, and a resumed study may find a new best.
+        tags=[RunTag(f"best.{k}", str(v)) for k, v in study.best_params.items()],
         metrics=[Metric(f"best/{cfg.tune.metric}", study.best_value, now, 0)]
         + [Metric(f"trials/{state}", n, now, 0) for state, n in counts.items()],
     )
