@@ -33,7 +33,10 @@ def repo_copy(tmp_path: Path, mirror: Path) -> tuple[Path, dict[str, str]]:
     """Tracked and not-ignored files of this checkout, committed into a fresh git repo."""
     files = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=REPO, capture_output=True, text=True, check=True,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split("\0")
     root = tmp_path / "repo"
     for name in filter(None, files):
@@ -44,18 +47,27 @@ def repo_copy(tmp_path: Path, mirror: Path) -> tuple[Path, dict[str, str]]:
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "DLPIPE_DATA_MIRROR": str(mirror),
-        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost",
-        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost",
+        "GIT_AUTHOR_NAME": "test",
+        "GIT_AUTHOR_EMAIL": "test@localhost",
+        "GIT_COMMITTER_NAME": "test",
+        "GIT_COMMITTER_EMAIL": "test@localhost",
     }
     env.pop("MLFLOW_TRACKING_URI", None)
-    for args in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
+    for args in (
+        ["git", "init", "-q", "-b", "main"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", "copy"],
+    ):
         run(args, root, env)
     return root, env
 
 
 def ran_stages(output: str) -> list[str]:
-    return [s for s in ("collect", "preprocess", "tune", "train", "evaluate", "register")
-            if f"Running stage '{s}'" in output]
+    return [
+        s
+        for s in ("collect", "preprocess", "tune", "train", "evaluate", "register")
+        if f"Running stage '{s}'" in output
+    ]
 
 
 def test_dvc_repro_end_to_end(repo_copy: tuple[Path, dict[str, str]]):
@@ -81,7 +93,9 @@ def test_dvc_repro_end_to_end(repo_copy: tuple[Path, dict[str, str]]):
     assert ran_stages(out) == []
 
     # One training key changed: only train and what depends on it.
-    out = run([*dvc, "exp", "run", *(f"-S={o}" for o in QUICK), "-S=trainer.max_epochs=2"], root, env)
+    out = run(
+        [*dvc, "exp", "run", *(f"-S={o}" for o in QUICK), "-S=trainer.max_epochs=2"], root, env
+    )
     assert ran_stages(out) == ["train", "evaluate", "register"]
     assert yaml.safe_load((root / "params.yaml").read_text())["trainer"]["max_epochs"] == 2
     run_info = json.loads((root / "models/train/run.json").read_text())

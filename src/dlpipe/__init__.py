@@ -1,3 +1,4 @@
-"""dlpipe: collect -> preprocess -> tune -> train -> evaluate -> register, one reproducible pipeline."""
+"""dlpipe: collect -> preprocess -> tune -> train -> evaluate -> register, one reproducible
+pipeline."""
 
 __version__ = "0.1.0"

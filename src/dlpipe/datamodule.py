@@ -1,4 +1,5 @@
-"""Processed splits as resident tensors, served a whole batch per index lookup (no per-sample collate)."""
+"""Processed splits as resident tensors, served a whole batch per index lookup (no per-sample
+collate)."""
 
 from __future__ import annotations
 

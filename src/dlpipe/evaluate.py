@@ -1,4 +1,5 @@
-"""Stage 5: test-split metrics of the best checkpoint, for `dvc metrics/plots` and the MLflow run."""
+"""Stage 5: test-split metrics of the best checkpoint, for `dvc metrics/plots` and the MLflow
+run."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -107,7 +107,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     run = json.loads((Path(cfg.paths.train) / "run.json").read_text())
     meta = load_meta(cfg.paths.processed)
     classes = meta["classes"]
-    net, _ = load_checkpoint(run["best_checkpoint"])
+    net, _ = load_checkpoint(Path(cfg.paths.train) / run["best_checkpoint"])
     x, y = load_split(cfg.paths.processed, "test")
     target = torch.from_numpy(y)
     logits = predict_logits(net, x)
@@ -123,7 +123,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     ) as f:  # rows for `dvc plots`' confusion template
         writer = csv.writer(f)
         writer.writerow(["actual", "predicted"])
-        writer.writerows((classes[t], classes[p]) for t, p in zip(y.tolist(), predicted.tolist()))
+        writer.writerows(
+            (classes[t], classes[p]) for t, p in zip(y.tolist(), predicted.tolist(), strict=True)
+        )
     plot_confusion(matrix, classes, out / "confusion.png")
 
     setup_mlflow(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)

@@ -18,8 +18,8 @@ from mlflow.models import infer_signature
 from omegaconf import DictConfig
 
 import dlpipe
-from dlpipe.preprocess import load_meta, load_split
 from dlpipe import serving
+from dlpipe.preprocess import load_meta, load_split
 from dlpipe.serving import ImageClassifier, load_checkpoint
 from dlpipe.tracking import setup_mlflow, write_json
 
@@ -80,13 +80,16 @@ def register(cfg: DictConfig) -> dict[str, Any]:
     setup_mlflow(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
     client = MlflowClient()
     name = cfg.register.model_name
-    model_uri = log_pyfunc(run["run_id"], run["best_checkpoint"], meta, example)
+    checkpoint = Path(cfg.paths.train) / run["best_checkpoint"]
+    model_uri = log_pyfunc(run["run_id"], str(checkpoint), meta, example)
     version = mlflow.register_model(model_uri, name).version
     client.set_registered_model_alias(name, "challenger", version)
 
     aliases = client.get_registered_model(name).aliases
-    champion = client.get_model_version(name, aliases["champion"]) if "champion" in aliases else None
-    champion_value = float(champion.tags[metric]) if champion is not None else None
+    champion = (
+        client.get_model_version(name, aliases["champion"]) if "champion" in aliases else None
+    )
+    champion_value = _metric_of(client, champion, metric) if champion is not None else None
     challenger_value = metrics[metric]
     promoted = champion_gate(challenger_value, champion_value)
     if promoted:
@@ -120,3 +123,16 @@ def register(cfg: DictConfig) -> dict[str, Any]:
     write_json(Path(cfg.paths.reports) / "register.json", result)
     log.info("registered %s v%s (%s=%.4f): %s", name, version, metric, challenger_value, decision)
     return result
+
+
+def _metric_of(client: MlflowClient, version: Any, metric: str) -> float:
+    """The gate metric of a registered version: its tag, else its training run's metric."""
+    if metric in version.tags:
+        return float(version.tags[metric])
+    run_metrics = client.get_run(version.run_id).data.metrics
+    if metric in run_metrics:
+        return run_metrics[metric]
+    raise KeyError(
+        f"champion v{version.version} of {version.name!r} has no {metric!r} to compare against: "
+        f"set register.metric to the metric it was promoted on, or pick a new register.model_name"
+    )

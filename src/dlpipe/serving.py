@@ -1,4 +1,5 @@
-"""The MLflow pyfunc that ships a classifier: raw uint8 images in, class names and probabilities out."""
+"""The MLflow pyfunc that ships a classifier: raw uint8 images in, class names and probabilities
+out."""
 
 from __future__ import annotations
 
@@ -65,7 +66,9 @@ def load_checkpoint(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
         **hparams["model"],
     )
     weights = checkpoint["state_dict"]
-    net.load_state_dict({k.removeprefix("net."): v for k, v in weights.items() if k.startswith("net.")})
+    net.load_state_dict(
+        {k.removeprefix("net."): v for k, v in weights.items() if k.startswith("net.")}
+    )
     return net.eval(), hparams
 
 

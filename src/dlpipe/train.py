@@ -157,6 +157,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
     if resume_from is None and ckpt_dir.exists():
         shutil.rmtree(ckpt_dir)  # stale checkpoints of another run must not pass as this run's
+    (out / "run.json").unlink(missing_ok=True)  # nor its run info, should this run fail
 
     trainer, logger = fit(
         cfg, run_name="train", ckpt_dir=ckpt_dir, ckpt_path=resume_from, tags={"stage": "train"}
@@ -171,7 +172,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "run_id": logger.run_id,
         "experiment_id": logger.experiment_id,
         "tracking_uri": tracking_uri(cfg.mlflow.tracking_uri),
-        "best_checkpoint": os.path.relpath(checkpoint.best_model_path),
+        # relative to this file's folder, so the repo (and DVC's cache of it) can move
+        "best_checkpoint": os.path.relpath(checkpoint.best_model_path, out),
         "val_acc": float(checkpoint.best_model_score),
         "epochs": trainer.current_epoch,
     }

@@ -229,7 +229,8 @@ def _mark_child(client: MlflowClient, parent_id: str, number: int, outcome: str)
     """Tag a trial's MLflow run with why it stopped early (Lightning marks it FAILED)."""
     runs = client.search_runs(
         [client.get_run(parent_id).info.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`optuna.trial` = '{number}'",
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' "
+        f"and tags.`optuna.trial` = '{number}'",
     )
     for run in runs:
         client.set_tag(run.info.run_id, "optuna.outcome", outcome)

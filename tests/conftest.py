@@ -1,0 +1,167 @@
+"""Shared fixtures: the real data configs, the local dataset mirror, a small real Fashion-MNIST
+slice collected and preprocessed once per session, and the real conf/ composed around it."""
+
+import functools
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from mlflow import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+
+from dlpipe.collect import MIRROR_ENV, collect
+from dlpipe.preprocess import preprocess
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+MIRROR = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+def _data_config(name: str, **overrides) -> dict:
+    data = OmegaConf.to_container(OmegaConf.load(CONF / "data" / f"{name}.yaml"))
+    return {**data, **overrides}
+
+
+@contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    # Session fixtures can't use the function-scoped monkeypatch.
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
+@pytest.fixture
+def data_config() -> Callable[..., dict]:
+    """data_config("fashion_mnist", limit=2000): conf/data/<name>.yaml as a fresh dict."""
+    return _data_config
+
+
+@pytest.fixture(scope="session")
+def mirror() -> Path:
+    if not (MIRROR / "fashion-mnist").is_dir():
+        pytest.skip(f"no dataset mirror at {MIRROR} (expected shared/datasets next to the repo)")
+    return MIRROR
+
+
+@pytest.fixture(scope="session")
+def fmnist_raw(mirror: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real Fashion-MNIST raw files, collected from the mirror."""
+    raw = tmp_path_factory.mktemp("fmnist_raw")
+    with _env(MIRROR_ENV, str(mirror)):
+        collect(_data_config("fashion_mnist"), raw)
+    return raw
+
+
+@pytest.fixture(scope="session")
+def fmnist_processed(fmnist_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Processed dir of real Fashion-MNIST: 2000 training samples (1600 train / 400 val,
+    stratified, seed 0) and the full official 10000-sample test split."""
+    out = tmp_path_factory.mktemp("fmnist_processed")
+    data = _data_config("fashion_mnist", limit=2000, val_fraction=0.2)
+    preprocess(data, fmnist_raw, out, seed=0)
+    return out
+
+
+@pytest.fixture
+def image_dir(tmp_path: Path) -> Path:
+    """A tiny real image_folder: 3 classes x 10 images, mixed modes (L, RGB, RGBA),
+    odd sizes, PNG and JPEG, with class-dependent brightness so classes differ."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    kinds = [(23, 17, 1, "png"), (9, 31, 3, "png"), (12, 12, 4, "png"), (16, 20, 3, "jpg")]
+    for c, name in enumerate(["cat", "dog", "frog"]):
+        (root / name).mkdir(parents=True)
+        for i in range(10):
+            height, width, channels, suffix = kinds[i % len(kinds)]
+            pixels = rng.integers(60 * c, 60 * c + 100, (height, width, channels), dtype=np.uint8)
+            Image.fromarray(pixels[..., 0] if channels == 1 else pixels).save(
+                root / name / f"{i:03d}.{suffix}"
+            )
+    return root
+
+
+def _compose(*overrides: str) -> DictConfig:
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return compose("config", overrides=list(overrides))
+    finally:
+        GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def compose_conf() -> Callable[..., DictConfig]:
+    """compose_conf("model=mlp"): conf/ composed by Hydra as it is, no data or outputs needed."""
+    return _compose
+
+
+@pytest.fixture(scope="session")
+def mlflow_db_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty MLflow SQLite store with its schema migrated: creating one costs seconds, a copy
+    costs milliseconds, and every test gets its own copy."""
+    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture(scope="session")
+def cfg_factory(
+    fmnist_raw: Path, fmnist_processed: Path, mlflow_db_template: Path
+) -> Callable[..., DictConfig]:
+    """cfg_factory(root, *overrides): make_cfg with its outputs under `root`, for fixtures wider
+    than one test (build a module-scoped root with tmp_path_factory)."""
+
+    def compose_cfg(root: Path, *overrides: str) -> DictConfig:
+        db = root / "mlflow.db"
+        cfg = _compose(
+            f"paths.raw={fmnist_raw}",
+            f"paths.processed={fmnist_processed}",
+            f"paths.tune={root / 'tune'}",
+            f"paths.train={root / 'train'}",
+            f"paths.reports={root / 'reports'}",
+            f"paths.study_db={root / 'optuna.db'}",
+            f"mlflow.tracking_uri=sqlite:///{db}",
+            "trainer.enable_progress_bar=false",
+            "trainer.deterministic=true",
+            "trainer.max_epochs=1",
+            "model.width=8",
+            *overrides,
+        )
+        # Pre-create the experiment so run artifacts land under root, not in ./mlruns of the cwd.
+        if not db.exists():
+            shutil.copy(mlflow_db_template, db)
+        client = MlflowClient(cfg.mlflow.tracking_uri)
+        if client.get_experiment_by_name(cfg.mlflow.experiment) is None:
+            client.create_experiment(
+                cfg.mlflow.experiment, artifact_location=(root / "mlartifacts").as_uri()
+            )
+        return cfg
+
+    return compose_cfg
+
+
+@pytest.fixture
+def make_cfg(
+    cfg_factory: Callable[..., DictConfig], tmp_path: Path
+) -> Iterator[Callable[..., DictConfig]]:
+    """make_cfg("model=mlp", "optim.lr=0.01"): the real conf/ composed by Hydra, shrunk to the
+    Fashion-MNIST slice (width 8, 1 epoch, no progress bar), with every output and the MLflow
+    store (artifacts too) in this test's tmp_path."""
+    # The stages point the global MLflow client (and $MLFLOW_TRACKING_URI) at the tmp store;
+    # restore it so no later test talks to a deleted database.
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield functools.partial(cfg_factory, tmp_path)
+    mlflow.set_tracking_uri(before)

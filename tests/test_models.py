@@ -1,0 +1,158 @@
+"""The model registry and conf/: every registered model builds, runs and learns; every conf option
+composes; params.yaml is what conf/ composes to; every search space names real config keys."""
+
+import inspect
+from pathlib import Path
+
+import lightning as L
+import optuna
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from dvc.utils.hydra import compose_and_dump
+from omegaconf import OmegaConf
+
+from dlpipe.models import available_models, create_model
+from dlpipe.train import to_dict, with_overrides
+from dlpipe.tune import suggest
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+MODELS = available_models()
+INPUT_SHAPES = [
+    (28, 28),
+    (32, 32, 3),
+]  # grayscale (H, W) and RGB (H, W, C), as the data stores them
+NUM_CLASSES = 7
+
+
+def _build(model: dict, input_shape: tuple[int, ...]) -> torch.nn.Module:
+    """The network a `model:` config section describes, for `input_shape` inputs."""
+    kwargs = dict(model)
+    channels = input_shape[2] if len(input_shape) == 3 else 1
+    return create_model(
+        kwargs.pop("name"),
+        input_shape=input_shape,
+        num_classes=NUM_CLASSES,
+        mean=[0.5] * channels,
+        std=[0.25] * channels,
+        **kwargs,
+    )
+
+
+def _defaults(name: str, **overrides) -> dict:
+    """conf/model/<name>.yaml, shrunk to width 8."""
+    return {
+        **OmegaConf.to_container(OmegaConf.load(CONF / "model" / f"{name}.yaml")),
+        "width": 8,
+        **overrides,
+    }
+
+
+def _batch(input_shape: tuple[int, ...], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n, *input_shape), dtype=torch.uint8, generator=gen)
+    y = torch.randint(0, NUM_CLASSES, (n,), generator=gen)
+    return x, y
+
+
+@pytest.mark.parametrize("input_shape", INPUT_SHAPES, ids=str)
+@pytest.mark.parametrize("name", MODELS)
+def test_model_maps_raw_uint8_to_logits(name, input_shape):
+    net = _build(_defaults(name), input_shape).eval()
+    x, _ = _batch(input_shape, n=5)
+    with torch.inference_mode():
+        logits = net(x)  # (B, num_classes)
+    assert logits.shape == (5, NUM_CLASSES)
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("input_shape", INPUT_SHAPES, ids=str)
+@pytest.mark.parametrize("name", MODELS)
+def test_model_learns_a_fixed_batch(name, input_shape):
+    torch.manual_seed(0)
+    net = _build(_defaults(name, dropout=0.0), input_shape).train()
+    x, y = _batch(input_shape, n=8)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(10):
+        loss = F.cross_entropy(net(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+
+
+def test_unknown_model_lists_the_valid_names():
+    with pytest.raises(ValueError, match="unknown model 'resnet9000'") as err:
+        create_model("resnet9000", input_shape=(28, 28), num_classes=10, mean=[0.5], std=[0.2])
+    for name in MODELS:
+        assert repr(name) in str(err.value)
+
+
+def _options(group: str) -> list[str]:
+    return sorted(path.stem for path in (CONF / group).glob("*.yaml"))
+
+
+# Keys a group option must set before it composes (`???` in its yaml).
+REQUIRED = {"data/image_folder": ["data.path=/data/my_images"]}
+
+
+@pytest.mark.parametrize(
+    "group, option",
+    [(g, o) for g in ("model", "trainer", "data") for o in _options(g)],
+    ids=lambda v: v,
+)
+def test_every_conf_option_composes(compose_conf, group, option):
+    cfg = compose_conf(f"{group}={option}", *REQUIRED.get(f"{group}/{option}", []))
+    resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    assert set(resolved[group]) == set(OmegaConf.load(CONF / group / f"{option}.yaml"))
+    if group == "model":
+        # The model's own search space comes with it, and its yaml fits the builder's arguments.
+        assert resolved["search"] == OmegaConf.to_container(
+            OmegaConf.load(CONF / "search" / f"{option}.yaml")
+        )
+        _build(resolved["model"], (28, 28))
+    if group == "trainer":
+        # Passed as they are to lightning.Trainer (see dlpipe.train.fit).
+        assert set(resolved["trainer"]) <= set(inspect.signature(L.Trainer).parameters)
+
+
+def test_data_image_folder_requires_a_path(compose_conf):
+    cfg = compose_conf("data=image_folder")
+    with pytest.raises(Exception, match="data.path"):
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+
+
+def test_every_model_option_is_registered_and_vice_versa():
+    assert _options("model") == MODELS
+    assert _options("search") == MODELS
+
+
+def test_params_yaml_is_the_default_composition(tmp_path):
+    # What `dvc exp run` regenerates params.yaml with: a stale committed copy would silently
+    # train with different settings than conf/ says.
+    dumped = tmp_path / "params.yaml"
+    compose_and_dump(dumped, str(CONF), None, "config", "", [])
+    committed = CONF.parent / "params.yaml"
+    assert yaml.safe_load(committed.read_text()) == yaml.safe_load(dumped.read_text()), (
+        "params.yaml drifted from conf/: regenerate it with "
+        "`dvc exp run --dry` or compose_and_dump(params.yaml, conf, None, 'config', '', [])"
+    )
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_search_space_names_real_config_keys(compose_conf, name):
+    cfg = compose_conf(f"model={name}", "model.width=8")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(3):
+        params = suggest(study.ask(), to_dict(cfg.search))
+        assert params, f"conf/search/{name}.yaml is empty"
+        # with_overrides raises KeyError on a key the config does not have.
+        trial_cfg = with_overrides(cfg, params)
+        for key, value in params.items():
+            assert OmegaConf.select(trial_cfg, key) == value
+        # Every sampled point builds: the choices are values the builder accepts.
+        _build(to_dict(trial_cfg.model), (28, 28))
