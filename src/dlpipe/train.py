@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import shutil
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -137,7 +138,10 @@ def fit(
         enable_model_summary=False,
         log_every_n_steps=cfg.train.log_every_n_steps,
     )
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    with warnings.catch_warnings():
+        # Batches are slices of resident tensors: loader workers would only add IPC.
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return trainer, logger
 
 

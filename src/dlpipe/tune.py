@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,9 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     # Heartbeats let a resumed study mark trials of a killed process as failed.
-    return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=90)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=90)
 
 
 class BestScore(Callback):
