@@ -1,21 +1,38 @@
-"""Processed splits as resident tensors, served a whole batch per index lookup (no per-sample
-collate)."""
+"""Processed splits as resident tensors, served one whole batch per index lookup: no per-sample
+collate, and on a GPU no host round trip (the batch order is drawn on the device)."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import (
-    BatchSampler,
-    DataLoader,
-    RandomSampler,
-    SequentialSampler,
-    TensorDataset,
-)
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from dlpipe.preprocess import load_meta, load_split
+
+
+class BatchIndices(Sampler[torch.Tensor]):
+    """Yields one index tensor per batch, on `device`: a fresh seeded permutation each epoch
+    when shuffling, else in order."""
+
+    def __init__(self, size: int, batch_size: int, device: torch.device, seed: int | None):
+        self.size, self.batch_size, self.device = size, batch_size, device
+        self.generator = None
+        if seed is not None:
+            self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def __len__(self) -> int:
+        return math.ceil(self.size / self.batch_size)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        if self.generator is None:
+            order = torch.arange(self.size, device=self.device)
+        else:
+            order = torch.randperm(self.size, device=self.device, generator=self.generator)
+        yield from order.split(self.batch_size)
 
 
 class TensorDataModule(L.LightningDataModule):
@@ -34,30 +51,25 @@ class TensorDataModule(L.LightningDataModule):
         if self.splits:
             return
         # On an accelerator the whole dataset moves there once; batches are then slices on-device.
-        device = (
+        self.device = (
             self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         )
         for split in ("train", "val"):
             x, y = load_split(self.processed_dir, split)
             self.splits[split] = TensorDataset(
-                torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+                torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device)
             )
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, batch_size: int, seed: int | None) -> DataLoader:
         dataset = self.splits[split]
-        if shuffle:
-            # Same seed on every DDP rank: Lightning's DistributedSamplerWrapper then hands each
-            # rank a disjoint share of the same batch order.
-            generator = torch.Generator().manual_seed(self.seed)
-            order = RandomSampler(dataset, generator=generator)
-        else:
-            order = SequentialSampler(dataset)
-        batches = BatchSampler(order, batch_size, drop_last=False)
-        # batch_size=None: each sampler item is a list of indices, fetched as one tensor slice.
-        return DataLoader(dataset, sampler=batches, batch_size=None)
+        # Same seed on every DDP rank: Lightning's DistributedSamplerWrapper then hands each
+        # rank a disjoint share of the same batch order. batch_size=None: each sampler item is a
+        # whole batch of indices, fetched as one tensor slice.
+        order = BatchIndices(len(dataset), batch_size, self.device, seed)
+        return DataLoader(dataset, sampler=order, batch_size=None)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, shuffle=True)
+        return self._loader("train", self.batch_size, seed=self.seed)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.eval_batch_size, shuffle=False)
+        return self._loader("val", self.eval_batch_size, seed=None)

@@ -38,8 +38,9 @@ class Classifier(L.LightningModule):
         )
         # Kept out of the module tree so the state_dict keys stay those of `net`.
         self.__dict__["_forward"] = torch.compile(self.net) if compile else self.net
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        # validate_args=False: the default check calls torch.unique, a device sync every step.
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._forward(x)
@@ -48,7 +49,7 @@ class Classifier(L.LightningModule):
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
-        self.train_acc(logits, y)
+        self.train_acc.update(logits, y)  # computed once per epoch, when logged
         # Epoch aggregates only: values stay on the device, no host sync inside the loop.
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
@@ -57,7 +58,7 @@ class Classifier(L.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
         x, y = batch
         logits = self(x)
-        self.val_acc(logits, y)
+        self.val_acc.update(logits, y)
         self.log("val/loss", F.cross_entropy(logits, y), prog_bar=True, sync_dist=True)
         self.log("val/acc", self.val_acc, prog_bar=True)
 

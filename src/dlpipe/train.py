@@ -141,6 +141,8 @@ def fit(
     with warnings.catch_warnings():
         # Batches are slices of resident tensors: loader workers would only add IPC.
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        # Only epoch aggregates are logged, so Lightning's per-step logging interval is moot.
+        warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return trainer, logger
 
