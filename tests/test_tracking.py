@@ -1,0 +1,68 @@
+"""MLflow plumbing: an unreachable tracking server fails fast and says how to fix it."""
+
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from dlpipe.tracking import TrackingServerError, check_reachable, flatten, tracking_uri
+from dlpipe.train import train
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_server_is_named_with_the_fix():
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    with pytest.raises(TrackingServerError, match="unreachable.*MLFLOW_TRACKING_URI.*sqlite"):
+        check_reachable(uri, timeout_s=2)
+
+
+def test_healthy_server_passes():
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        check_reachable(f"http://127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_train_fails_before_training_when_the_server_is_down(make_cfg):
+    cfg = make_cfg()
+    # Set after composing: the fixture itself talks to the configured store.
+    cfg.mlflow.tracking_uri = f"http://127.0.0.1:{_closed_port()}"
+    with pytest.raises(TrackingServerError):
+        train(cfg)
+    assert not list(Path(cfg.paths.train).glob("**/*.ckpt")), "nothing was trained"
+
+
+def test_uri_precedence(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking_uri(None) == "sqlite:///mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example:5000")
+    assert tracking_uri(None) == "http://example:5000"
+    assert tracking_uri("sqlite:///other.db") == "sqlite:///other.db"
+
+
+def test_flatten_gives_override_keys():
+    assert flatten({"optim": {"lr": 0.1, "name": "sgd"}, "seed": 1, "empty": {}}) == {
+        "optim.lr": 0.1,
+        "optim.name": "sgd",
+        "seed": 1,
+        "empty": {},
+    }
