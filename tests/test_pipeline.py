@@ -88,6 +88,11 @@ def test_dvc_repro_end_to_end(repo_copy: tuple[Path, dict[str, str]]):
     study = json.loads((root / "models/tune/study.json").read_text())
     assert sum(study["trials"].values()) == 2
 
+    shown = json.loads(run([*dvc, "metrics", "show", "--json"], root, env).splitlines()[-1])
+    assert "test/acc" in json.dumps(shown) and "val/acc" in json.dumps(shown)
+    plots = run([*dvc, "plots", "show", "--json"], root, env)
+    assert "Loss by epoch" in plots and "Confusion matrix (test)" in plots
+
     # Nothing changed: nothing runs.
     out = run([*dvc, "repro"], root, env)
     assert ran_stages(out) == []

@@ -33,6 +33,8 @@ def test_train_writes_outputs_and_a_complete_mlflow_run(make_cfg):
     assert {p.name for p in (out / "checkpoints").iterdir()} == {"best.ckpt", "last.ckpt"}
     assert (out / info["best_checkpoint"]).samefile(out / "checkpoints" / "best.ckpt")
     assert info["epochs"] == 2 and 0.3 < info["val_acc"] <= 1
+    history = (Path(cfg.paths.reports) / "train" / "history.csv").read_text().splitlines()
+    assert history[0] == "epoch,train/loss,train/acc,val/loss,val/acc" and len(history) == 3
     module = Classifier.load_from_checkpoint(out / info["best_checkpoint"], map_location="cpu")
     assert module.hparams.model == to_dict(cfg.model)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import math
 import os
@@ -51,6 +52,27 @@ class FailOnNonFinite(Callback):
                 f"diverged. Lower optim.lr (now {self.lr}), set trainer.gradient_clip_val=1.0, "
                 "or check the data for NaN/inf values."
             )
+
+
+class EpochHistory(Callback):
+    """Per-epoch metrics as rows, for `dvc plots` (MLflow gets the same values from the logger)."""
+
+    KEYS = ("train/loss", "train/acc", "val/loss", "val/acc")
+
+    def __init__(self):
+        self.rows: list[dict[str, float]] = []
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        metrics = trainer.callback_metrics
+        row = {"epoch": trainer.current_epoch}
+        self.rows.append(row | {k: round(float(metrics[k]), 6) for k in self.KEYS if k in metrics})
+
+    def write(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["epoch", *self.KEYS])
+            writer.writeheader()
+            writer.writerows(self.rows)
 
 
 def to_dict(cfg: DictConfig) -> dict[str, Any]:
@@ -165,8 +187,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         shutil.rmtree(ckpt_dir)  # stale checkpoints of another run must not pass as this run's
     (out / "run.json").unlink(missing_ok=True)  # nor its run info, should this run fail
 
+    history = EpochHistory()
     trainer, logger = fit(
-        cfg, run_name="train", ckpt_dir=ckpt_dir, ckpt_path=resume_from, tags={"stage": "train"}
+        cfg,
+        run_name="train",
+        callbacks=[history],
+        ckpt_dir=ckpt_dir,
+        ckpt_path=resume_from,
+        tags={"stage": "train"},
     )
     if not trainer.is_global_zero:
         return {}
@@ -184,6 +212,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "epochs": trainer.current_epoch,
     }
     write_json(out / "run.json", info)
+    reports = Path(cfg.paths.reports) / "train"
+    history.write(reports / "history.csv")
+    write_json(reports / "metrics.json", {"val/acc": info["val_acc"], "epochs": info["epochs"]})
     log.info(
         "best val/acc %.4f after %d epochs (run %s)",
         info["val_acc"],
