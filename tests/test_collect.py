@@ -1,11 +1,11 @@
 """Stage 1 on real data: the local mirror, real HTTP from a 127.0.0.1 server, and failure modes."""
 
-import _thread
 import contextlib
 import hashlib
 import json
 import logging
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -47,8 +47,10 @@ class _Handler(SimpleHTTPRequestHandler):
         self.wfile.write(body[: len(body) // 2])
         self.wfile.flush()
         if self.mode == "interrupt":
-            _thread.interrupt_main()  # KeyboardInterrupt in the test's thread, as Ctrl-C would
-            time.sleep(0.2)
+            # A real SIGINT, as Ctrl-C sends: it interrupts the client's blocking read at once
+            # (`_thread.interrupt_main` would wait for that read to finish, which made this racy).
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            time.sleep(1.0)
             with contextlib.suppress(ConnectionError):  # the client may have hung up by now
                 self.wfile.write(body[len(body) // 2 :])
 
