@@ -173,8 +173,13 @@ def test_a_broken_transfer_leaves_nothing(mirror, tmp_path, serve, data_config, 
     url, requests = serve(mirror / "fashion-mnist", mode=mode)
     raw = tmp_path / "raw"
     expected = DownloadError if mode == "truncate" else KeyboardInterrupt
-    with pytest.raises(expected):
-        collect(_labels_only(data_config("fashion_mnist"), url=url), raw)
+    # Ctrl-C as in a terminal: a parent that started us in the background may have SIGINT ignored.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(expected):
+            collect(_labels_only(data_config("fashion_mnist"), url=url), raw)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert len(requests) == (dlpipe.collect.ATTEMPTS if mode == "truncate" else 1)
     assert list(raw.iterdir()) == []
 
