@@ -57,6 +57,27 @@ def mirror() -> Path:
 
 
 @pytest.fixture(scope="session")
+def dataset(mirror: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """dataset("fsdd", limit=300): conf/data/<name>.yaml with `overrides`, collected from the
+    mirror and preprocessed (seed 0) once per session; returns the processed dir. Its raw dir
+    is the sibling `raw`."""
+    cache: dict[str, Path] = {}
+
+    def build(name: str, **overrides) -> Path:
+        key = f"{name}:{sorted(overrides.items())}"
+        if key not in cache:
+            root = tmp_path_factory.mktemp(f"data_{name}")
+            data = _data_config(name, **overrides)
+            with _env(MIRROR_ENV, str(mirror)):
+                collect(data, root / "raw")
+            preprocess(data, root / "raw", root / "processed", seed=0)
+            cache[key] = root / "processed"
+        return cache[key]
+
+    return build
+
+
+@pytest.fixture(scope="session")
 def fmnist_raw(mirror: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real Fashion-MNIST raw files, collected from the mirror."""
     raw = tmp_path_factory.mktemp("fmnist_raw")
@@ -121,14 +142,19 @@ def mlflow_db_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def cfg_factory(
     fmnist_raw: Path, fmnist_processed: Path, mlflow_db_template: Path
 ) -> Callable[..., DictConfig]:
-    """cfg_factory(root, *overrides): make_cfg with its outputs under `root`, for fixtures wider
-    than one test (build a module-scoped root with tmp_path_factory)."""
+    """cfg_factory(root, *overrides, processed=None): make_cfg with its outputs under `root`,
+    for fixtures wider than one test (build a module-scoped root with tmp_path_factory).
+    `processed` points the config at another processed dataset (see the `dataset` fixture);
+    the default is the Fashion-MNIST slice, with the CNN shrunk to width 8."""
 
-    def compose_cfg(root: Path, *overrides: str) -> DictConfig:
+    def compose_cfg(root: Path, *overrides: str, processed: Path | None = None) -> DictConfig:
         db = root / "mlflow.db"
+        data_paths = (
+            (f"paths.raw={fmnist_raw}", f"paths.processed={fmnist_processed}")
+            if processed is None
+            else (f"paths.raw={processed.parent / 'raw'}", f"paths.processed={processed}")
+        )
         cfg = _compose(
-            f"paths.raw={fmnist_raw}",
-            f"paths.processed={fmnist_processed}",
             f"paths.tune={root / 'tune'}",
             f"paths.train={root / 'train'}",
             f"paths.reports={root / 'reports'}",
@@ -137,8 +163,9 @@ def cfg_factory(
             "trainer.enable_progress_bar=false",
             "trainer.deterministic=true",
             "trainer.max_epochs=1",
-            "model.width=8",
+            *(["model.width=8"] if processed is None else []),
             *overrides,
+            *data_paths,
         )
         # Pre-create the experiment so run artifacts land under root, not in ./mlruns of the cwd.
         if not db.exists():
@@ -165,3 +192,34 @@ def make_cfg(
     before = os.environ.get("MLFLOW_TRACKING_URI")
     yield functools.partial(cfg_factory, tmp_path)
     mlflow.set_tracking_uri(before)
+
+
+STAGES = ("collect", "preprocess", "tune", "train", "evaluate", "register")
+
+
+@pytest.fixture
+def run_stages(mirror: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., dict]:
+    """run_stages(cfg): the six stages in process, as `dvc repro` runs them (collecting from the
+    mirror); returns {stage: result}. Point `cfg` at fresh data dirs with
+    make_cfg(..., processed=tmp_path / "data" / "processed") to run collect and preprocess too."""
+    from dlpipe.evaluate import evaluate
+    from dlpipe.register import register
+    from dlpipe.train import train
+    from dlpipe.tune import tune
+
+    monkeypatch.setenv(MIRROR_ENV, str(mirror))
+
+    def run(cfg: DictConfig, stages: tuple[str, ...] = STAGES) -> dict:
+        data = OmegaConf.to_container(cfg.data, resolve=True)
+        raw, processed = Path(cfg.paths.raw), Path(cfg.paths.processed)
+        steps = {
+            "collect": lambda: collect(data, raw),
+            "preprocess": lambda: preprocess(data, raw, processed, cfg.seed),
+            "tune": lambda: tune(cfg),
+            "train": lambda: train(cfg),
+            "evaluate": lambda: evaluate(cfg),
+            "register": lambda: register(cfg),
+        }
+        return {stage: steps[stage]() for stage in stages}
+
+    return run

@@ -21,10 +21,10 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
 
-from dlpipe.evaluate import evaluate, predict_logits
-from dlpipe.module import Classifier
+from dlpipe.evaluate import evaluate
 from dlpipe.preprocess import load_meta, load_split
 from dlpipe.register import register
+from dlpipe.tasks.classifier import Classifier, predict_logits
 from dlpipe.train import train
 
 # A setup that learns within an epoch on 1600 samples (see test_train.py).
@@ -62,11 +62,11 @@ def _run_info(cfg: DictConfig) -> dict:
 
 def test_evaluate_writes_reports_and_logs_them_to_the_train_run(champion):
     cfg = champion
-    out = Path(cfg.paths.reports) / "evaluate"
+    out = Path(cfg.paths.reports) / "evaluate" / "files"
     meta = load_meta(cfg.paths.processed)
     classes, n_test = meta["classes"], meta["sizes"]["test"]
 
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out.parent / "metrics.json").read_text())
     assert set(metrics) == TEST_METRICS
     assert all(0 <= v <= 1 for k, v in metrics.items() if k != "test/loss")
     assert metrics["test/acc"] > 0.25 and metrics["test/roc_auc_ovr_macro"] > 0.7  # it learned
@@ -95,7 +95,12 @@ def test_evaluate_writes_reports_and_logs_them_to_the_train_run(champion):
     logged = client.get_run(run["run_id"]).data.metrics
     assert {k: pytest.approx(v) for k, v in metrics.items()} == {k: logged[k] for k in metrics}
     artifacts = {a.path for a in client.list_artifacts(run["run_id"], "evaluate")}
-    assert artifacts == {"evaluate/per_class.json", "evaluate/confusion.png"}
+    assert artifacts == {f"evaluate/{p.name}" for p in out.iterdir()}
+    assert artifacts == {
+        "evaluate/per_class.json",
+        "evaluate/confusion.png",
+        "evaluate/confusion.csv",
+    }
 
 
 def test_champion_gate(make_cfg):

@@ -10,8 +10,8 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from dlpipe.module import Classifier
 from dlpipe.preprocess import load_meta
+from dlpipe.tasks.classifier import Classifier
 from dlpipe.train import NonFiniteLossError, to_dict, train
 
 # A setup that learns within an epoch or two on 1600 samples (the default onecycle schedule
@@ -32,9 +32,9 @@ def test_train_writes_outputs_and_a_complete_mlflow_run(make_cfg):
     assert json.loads((out / "run.json").read_text()) == info
     assert {p.name for p in (out / "checkpoints").iterdir()} == {"best.ckpt", "last.ckpt"}
     assert (out / info["best_checkpoint"]).samefile(out / "checkpoints" / "best.ckpt")
-    assert info["epochs"] == 2 and 0.3 < info["val_acc"] <= 1
+    assert info["epochs"] == 2 and 0.3 < info["best_score"] <= 1
     history = (Path(cfg.paths.reports) / "train" / "history.csv").read_text().splitlines()
-    assert history[0] == "epoch,train/loss,train/acc,val/loss,val/acc" and len(history) == 3
+    assert history[0] == "epoch,train/acc,train/loss,val/acc,val/loss" and len(history) == 3
     module = Classifier.load_from_checkpoint(out / info["best_checkpoint"], map_location="cpu")
     assert module.hparams.model == to_dict(cfg.model)
 
@@ -68,7 +68,7 @@ def test_train_writes_outputs_and_a_complete_mlflow_run(make_cfg):
         steps = [step for step, _ in _history(client, info["run_id"], key)]
         assert len(steps) == 2, key
     val_acc = [v for _, v in _history(client, info["run_id"], "val/acc")]
-    assert info["val_acc"] == pytest.approx(max(val_acc))
+    assert info["best_score"] == pytest.approx(max(val_acc))
     train_loss = [v for _, v in _history(client, info["run_id"], "train/loss")]
     assert train_loss[1] < train_loss[0]
 

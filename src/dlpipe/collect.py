@@ -1,15 +1,30 @@
 """Stage 1: fetch the raw dataset and verify every byte against pinned sha256 checksums.
 
 Writes `raw_dir/manifest.json`, whose content changes exactly when the raw data changes.
+
+Downloaded datasets list their files in `data.files`, each either `name: <sha256>` (fetched from
+`data.url + name`, or `<mirror>/<mirror_dir>/name`) or a mapping:
+
+    name:
+      sha256: ...          # of the stored file; for `members`, of the member list (members_digest)
+      url: https://...     # upstream, when not data.url + name
+      member: a/b.tsv      # the upstream is a zip/tar archive: store this member of it
+      members: "*/recordings/*.wav"   # ...or every member matching this glob, into folder `name`
+      mirror: b.tsv.gz     # the file's name in the mirror (a .gz there is decompressed)
 """
 
+import fnmatch
+import gzip
 import hashlib
 import json
 import logging
 import os
 import secrets
+import shutil
+import tarfile
 import time
 import urllib.request
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from http.client import HTTPException, IncompleteRead
 from pathlib import Path
@@ -45,13 +60,24 @@ class DownloadError(DataError):
 
 
 def collect(data: Mapping, raw_dir: Path) -> dict:
-    """Fetch/verify the dataset described by the `data` config section; returns the manifest."""
+    """Fetch/verify the dataset described by the `data` config section; returns the manifest.
+
+    `data.format=image_folder` hashes a folder of images in place; `data.path` (a user's own
+    file, e.g. a CSV) is hashed and copied; otherwise `data.files` are downloaded."""
+    from dlpipe.preprocess import FORMATS  # here: preprocess imports this module
+
     fmt = data.get("format")
-    if fmt not in COLLECTORS:
-        raise ValueError(f"data.format={fmt!r} is not supported; use one of {sorted(COLLECTORS)}")
+    if fmt not in FORMATS:
+        raise ValueError(f"data.format={fmt!r} is not supported; use one of {list(FORMATS)}")
     raw_dir = Path(raw_dir)
     t0 = time.perf_counter()
-    manifest = {"name": data["name"], "format": fmt, **COLLECTORS[fmt](data, raw_dir)}
+    if fmt == "image_folder":
+        collector = _collect_image_folder
+    elif data.get("path") not in (None, "", "???") or "files" not in data:
+        collector = _collect_local_file
+    else:
+        collector = _collect_files
+    manifest = {"name": data["name"], "format": fmt, **collector(data, raw_dir)}
     raw_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(raw_dir / MANIFEST, [json.dumps(manifest, indent=2, sort_keys=True).encode()])
     log.info(
@@ -103,26 +129,48 @@ def write_atomic(
     return digest.hexdigest()
 
 
-# --- format "idx": a fixed list of files, each pinned by sha256 ------------------------------
+def members_digest(folder: Path) -> str:
+    """sha256 of a folder of extracted members: over sorted "name<TAB>sha256" lines, so it
+    is the same however the archive that held them was packed."""
+    lines = sorted(f"{p.name}\t{sha256_file(p)}\n" for p in Path(folder).iterdir() if p.is_file())
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
-def _collect_idx(data: Mapping, raw_dir: Path) -> dict:
+# --- downloaded files, each pinned by sha256 -------------------------------------------------
+
+
+def _file_spec(data: Mapping, name: str, entry: object) -> dict:
+    spec = dict(entry) if isinstance(entry, Mapping) else {"sha256": entry}
+    expected = str(spec.get("sha256", "")).lower()
+    if len(expected) != 64 or not set(expected) <= set("0123456789abcdef"):
+        raise ValueError(f"data.files.{name}: sha256 {expected!r} is not 64 hex digits")
+    unknown = set(spec) - {"sha256", "url", "member", "members", "mirror"}
+    if unknown:
+        raise ValueError(f"data.files.{name} has unknown keys {sorted(unknown)}")
+    return {
+        "sha256": expected,
+        "url": spec.get("url") or data["url"] + name,
+        "member": spec.get("member"),
+        "members": spec.get("members"),
+        "mirror": spec.get("mirror") or name,
+    }
+
+
+def _collect_files(data: Mapping, raw_dir: Path) -> dict:
     files = data.get("files")
     if not isinstance(files, Mapping) or not files:
         raise ValueError(f"data.files={files!r} must map each file name to its sha256")
+    specs = {name: _file_spec(data, name, entry) for name, entry in files.items()}
     mirror = _mirror(data["mirror_dir"])
     raw_dir.mkdir(parents=True, exist_ok=True)
     hashes = {}
-    for name, expected in files.items():
-        expected = str(expected).lower()
-        if len(expected) != 64 or not set(expected) <= set("0123456789abcdef"):
-            raise ValueError(f"data.files.{name}={expected!r} is not a sha256 (64 hex digits)")
-        hashes[name] = expected
+    for name, spec in specs.items():
+        expected = hashes[name] = spec["sha256"]
         dest = raw_dir / name
         for stale in raw_dir.glob(f".{name}.*.part"):  # left behind by a killed run
-            stale.unlink()
-        if dest.is_file():
-            actual = sha256_file(dest)
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+        if dest.exists():
+            actual = members_digest(dest) if dest.is_dir() else sha256_file(dest)
             if actual == expected:
                 log.info("skipped %s: present, sha256 ok", name)
                 continue
@@ -130,14 +178,8 @@ def _collect_idx(data: Mapping, raw_dir: Path) -> dict:
                 "%s is present with sha256 %s, not %s: fetching again", name, actual, expected
             )
         t0 = time.perf_counter()
-        source = _fetch(data, name, expected, dest, mirror)
-        log.info(
-            "fetched %s (%.1f MB) from %s in %.2fs",
-            name,
-            dest.stat().st_size / 1e6,
-            source,
-            time.perf_counter() - t0,
-        )
+        source = _fetch(data, name, spec, dest, mirror)
+        log.info("fetched %s from %s in %.2fs", name, source, time.perf_counter() - t0)
     return {"files": hashes}
 
 
@@ -155,23 +197,95 @@ def _mirror(mirror_dir: str) -> Path | None:
     return mirror
 
 
-def _fetch(data: Mapping, name: str, expected: str, dest: Path, mirror: Path | None) -> str:
+def _fetch(data: Mapping, name: str, spec: Mapping, dest: Path, mirror: Path | None) -> str:
     """Copy `name` from the mirror if there is one, else download it; returns the source."""
-    url = data["url"] + name
+    url, expected = spec["url"], spec["sha256"]
     if mirror is None:
-        _download(url, dest, _checker(name, expected, url, DOWNLOAD_FIX), data["mirror_dir"])
+        verify = _checker(name, expected, url, DOWNLOAD_FIX)
+        if spec["member"] is None and spec["members"] is None:
+            _download(url, dest, verify, data["mirror_dir"], spec["mirror"])
+            return url
+        archive = dest.with_name(f".{name}.{secrets.token_hex(4)}.part.archive")
+        try:
+            _download(url, archive, None, data["mirror_dir"], spec["mirror"])
+            _extract(archive, spec, dest, verify)
+        finally:
+            archive.unlink(missing_ok=True)
         return url
-    source = mirror / name
-    if not source.is_file():
+    source = mirror / spec["mirror"]
+    if not source.exists():
         raise DataError(
             f"{source} not found: copy {url} there, or unset {MIRROR_ENV} to download it"
         )
     fix = f"the mirror copy is not the published file: replace {source} with {url}"
-    write_atomic(dest, _file_chunks(source), _checker(name, expected, str(source), fix))
+    verify = _checker(name, expected, str(source), fix)
+    if spec["members"] is not None:
+        _extract(source, spec, dest, verify)
+    elif source.suffix == ".gz" and not name.endswith(".gz"):
+        write_atomic(dest, _gunzip_chunks(source), verify)
+    else:
+        write_atomic(dest, _file_chunks(source), verify)
     return str(source)
 
 
-def _download(url: str, dest: Path, verify: Callable[[str], None], mirror_dir: str) -> None:
+def _extract(archive: Path, spec: Mapping, dest: Path, verify: Callable[[str], None]) -> None:
+    """Store `spec["member"]` of a zip/tar `archive` as the file `dest`, or every member
+    matching `spec["members"]` as files (by base name) of the folder `dest`; all or nothing."""
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as z:
+                members = {m.filename: m for m in z.infolist() if not m.is_dir()}
+                _extract_from(members, lambda m: z.open(m), spec, dest, verify, archive)
+        else:
+            with tarfile.open(archive) as t:
+                members = {m.name: m for m in t.getmembers() if m.isfile()}
+                _extract_from(members, t.extractfile, spec, dest, verify, archive)
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(
+            f"{archive} is not a readable zip/tar archive ({e}): delete it and fetch again"
+        ) from e
+
+
+def _extract_from(members, open_member, spec, dest: Path, verify, archive: Path) -> None:
+    if spec["member"] is not None:
+        if spec["member"] not in members:
+            raise DataError(f"{archive} has no member {spec['member']!r}: check data.files")
+        with open_member(members[spec["member"]]) as f:
+            write_atomic(dest, iter(lambda: f.read(CHUNK_BYTES), b""), verify)
+        return
+    matched = sorted(n for n in members if fnmatch.fnmatch(n, spec["members"]))
+    if not matched:
+        raise DataError(f"{archive} has no members matching {spec['members']!r}")
+    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
+    try:
+        tmp.mkdir()
+        for name in matched:
+            with open_member(members[name]) as f, open(tmp / Path(name).name, "xb") as out:
+                shutil.copyfileobj(f, out, CHUNK_BYTES)
+        verify(members_digest(tmp))
+        if dest.exists():
+            shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _gunzip_chunks(path: Path) -> Iterator[bytes]:
+    with gzip.open(path, "rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            yield chunk
+
+
+def _download(
+    url: str,
+    dest: Path,
+    verify: Callable[[str], None] | None,
+    mirror_dir: str,
+    mirror_name: str,
+) -> None:
     # Plain http upstreams are fine: every byte is checked against the pinned sha256.
     error: Exception | None = None
     for attempt in range(1, ATTEMPTS + 1):
@@ -195,7 +309,7 @@ def _download(url: str, dest: Path, verify: Callable[[str], None], mirror_dir: s
     raise DownloadError(
         f"could not download {url} after {ATTEMPTS} attempts ({error}). If this machine is "
         f"offline, set {MIRROR_ENV}=<dir> where <dir> is laid out like shared/datasets, i.e. "
-        f"<dir>/{mirror_dir}/{dest.name}"
+        f"<dir>/{mirror_dir}/{mirror_name}"
     ) from error
 
 
@@ -277,7 +391,19 @@ def _collect_image_folder(data: Mapping, raw_dir: Path) -> dict:
     return {"classes": classes, "files": hashes}
 
 
-COLLECTORS: dict[str, Callable[[Mapping, Path], dict]] = {
-    "idx": _collect_idx,
-    "image_folder": _collect_image_folder,
-}
+# --- a user's own file (data.path), e.g. a CSV: hashed, and copied so DVC tracks it ----------
+
+
+def _collect_local_file(data: Mapping, raw_dir: Path) -> dict:
+    path = data.get("path")
+    if path in (None, "", "???"):
+        raise ValueError(
+            f"data.path is required for data={data['name']}: pass data.path=/path/to/file"
+        )
+    source = Path(path)
+    if not source.is_file():
+        raise DataError(f"data.path={path!r} is not a file: point it at your data file")
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    digest = write_atomic(raw_dir / source.name, _file_chunks(source))
+    log.info("copied %s (sha256 %s)", source, digest)
+    return {"files": {source.name: digest}}

@@ -73,3 +73,8 @@ class TensorDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.eval_batch_size, seed=None)
+
+
+def make_datamodule(cfg, meta: dict) -> L.LightningDataModule:
+    """The datamodule for a processed classification/regression dataset (x, y per split)."""
+    return TensorDataModule(cfg.paths.processed, cfg.train.batch_size, cfg.seed)

@@ -1,10 +1,14 @@
-"""Stage 2: decode the raw data into seeded, stratified train/val/test uint8 arrays plus meta.json.
+"""Stage 2: decode the raw data into seeded train/val/test arrays plus meta.json.
 
-Arrays keep the raw image layout (no normalization); meta.json carries the train-split mean/std.
+Images (formats idx and image_folder, here) keep their raw uint8 layout, split stratified;
+meta.json carries the train-split mean/std. Other formats (audio, text, prices, tables) live in
+`dlpipe.formats.<module>` and use the helpers below: every format writes `{split}_{key}.npy`
+arrays and, last, a meta.json whose presence means the arrays are complete.
 """
 
 import gzip
 import hashlib
+import importlib
 import io
 import json
 import logging
@@ -29,29 +33,56 @@ from dlpipe.collect import (
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-FORMATS = ("idx", "image_folder")
+IMAGE_FORMATS = ("idx", "image_folder")
+# format -> module with `preprocess(data, raw_dir, out_dir, seed) -> meta` (see dlpipe.formats)
+FORMAT_MODULES = {
+    "idx": "dlpipe.formats.images",
+    "image_folder": "dlpipe.formats.images",
+    "fsdd": "dlpipe.formats.audio",
+    "text_table": "dlpipe.formats.text",
+    "char_text": "dlpipe.formats.chars",
+    "stock_prices": "dlpipe.formats.stocks",
+    "table": "dlpipe.formats.tabular",
+}
+FORMATS = tuple(FORMAT_MODULES)
 META = "meta.json"
 IDX_MAGIC = {2051: 3, 2049: 1}  # images (N, H, W) / labels (N,): uint8, big-endian dims
 STATS_CHUNK = 1 << 22  # pixels per bincount call, to bound the int64 temporary
 
 
+def format_module(fmt: str):
+    """The module that handles data.format=`fmt` (preprocessing and, for serving, its inputs)."""
+    if fmt not in FORMAT_MODULES:
+        raise ValueError(f"data.format={fmt!r} is not supported; use one of {list(FORMATS)}")
+    return importlib.import_module(FORMAT_MODULES[fmt])
+
+
 def preprocess(data: Mapping, raw_dir: Path, out_dir: Path, seed: int) -> dict:
     """Split and decode the collected dataset into `out_dir`; returns the meta it writes."""
-    t0 = time.perf_counter()
-    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     fmt = data.get("format")
-    if fmt not in FORMATS:
-        raise ValueError(f"data.format={fmt!r} is not supported; use one of {list(FORMATS)}")
-    manifest = load_manifest(raw_dir)
-    if (manifest["name"], manifest["format"]) != (data["name"], fmt):
-        raise DataError(
-            f"{raw_dir} holds {manifest['name']!r} ({manifest['format']}), not {data['name']!r} "
-            f"({fmt}): re-run the collect stage with the same data config"
-        )
-    classes = list(data["classes"]) if fmt == "idx" else manifest["classes"]
-    _validate(data, fmt, len(classes))
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed={seed!r} must be an integer, or the splits would not be repeatable")
+    return format_module(fmt).preprocess(data, Path(raw_dir), Path(out_dir), seed)
+
+
+def checked_manifest(data: Mapping, raw_dir: Path) -> dict:
+    """The collect stage's manifest of `raw_dir`, checked to be of the configured dataset."""
+    manifest = load_manifest(raw_dir)
+    if (manifest["name"], manifest["format"]) != (data["name"], data.get("format")):
+        raise DataError(
+            f"{raw_dir} holds {manifest['name']!r} ({manifest['format']}), not {data['name']!r} "
+            f"({data.get('format')}): re-run the collect stage with the same data config"
+        )
+    return manifest
+
+
+def preprocess_images(data: Mapping, raw_dir: Path, out_dir: Path, seed: int) -> dict:
+    """Formats idx and image_folder: uint8 images, stratified splits, per-channel stats."""
+    t0 = time.perf_counter()
+    fmt = data["format"]
+    manifest = checked_manifest(data, raw_dir)
+    classes = list(data["classes"]) if fmt == "idx" else manifest["classes"]
+    _validate(data, fmt, len(classes))
     rng = np.random.default_rng(seed)
 
     if fmt == "idx":
@@ -76,12 +107,14 @@ def preprocess(data: Mapping, raw_dir: Path, out_dir: Path, seed: int) -> dict:
     val_idx, train_idx = stratified_split(y, _count(data, "val_fraction", len(y)), rng)
     splits = {"train": (x[train_idx], y[train_idx]), "val": (x[val_idx], y[val_idx]), "test": test}
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    sha256 = {}
-    for split, (xs, ys) in splits.items():
-        for suffix, array in (("x", xs), ("y", ys.astype(np.int64))):
-            name = f"{split}_{suffix}.npy"
-            sha256[name] = _save_npy(out_dir / name, array)
+    sha256 = save_arrays(
+        out_dir,
+        {
+            f"{split}_{k}": a
+            for split, (xs, ys) in splits.items()
+            for k, a in (("x", xs), ("y", ys.astype(np.int64)))
+        },
+    )
     x_train = splits["train"][0]
     mean, std = channel_stats(x_train)
     meta = {
@@ -94,11 +127,10 @@ def preprocess(data: Mapping, raw_dir: Path, out_dir: Path, seed: int) -> dict:
         "std": std,
         "sizes": {split: len(ys) for split, (_, ys) in splits.items()},
         "seed": seed,
-        "raw_sha256": _raw_sha256(raw_dir, manifest),
+        "raw_sha256": raw_sha256(raw_dir, manifest),
         "sha256": sha256,
     }
-    # meta.json goes last: its presence means every array beside it is complete.
-    write_atomic(out_dir / META, [json.dumps(meta, indent=2).encode()])
+    write_meta(out_dir, meta)
     log.info(
         "preprocessed %s: sizes %s, input_shape %s, mean %s, std %s in %.2fs -> %s",
         data["name"],
@@ -112,16 +144,33 @@ def preprocess(data: Mapping, raw_dir: Path, out_dir: Path, seed: int) -> dict:
     return meta
 
 
+def save_arrays(out_dir: Path, arrays: Mapping[str, np.ndarray]) -> dict[str, str]:
+    """Write each array as `out_dir/<name>.npy` (atomically); returns {file name: sha256}."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    return {
+        f"{name}.npy": _save_npy(Path(out_dir) / f"{name}.npy", array)
+        for name, array in arrays.items()
+    }
+
+
+def write_meta(out_dir: Path, meta: Mapping) -> None:
+    """meta.json goes last: its presence means every array beside it is complete."""
+    write_atomic(Path(out_dir) / META, [json.dumps(meta, indent=2).encode()])
+
+
+def load_array(processed_dir: Path, name: str) -> np.ndarray:
+    path = Path(processed_dir) / f"{name}.npy"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the preprocess stage first")
+    return np.load(path)
+
+
 def load_split(processed_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(x uint8 (N, H, W) or (N, H, W, C), y int64 (N,)) of one split written by `preprocess`."""
+    """(x, y) of one split written by `preprocess`: for images x is uint8 (N, H, W) or
+    (N, H, W, C) and y int64 (N,); other formats store their own dtypes and shapes."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not one of {list(SPLITS)}")
-    paths = [Path(processed_dir) / f"{split}_{suffix}.npy" for suffix in ("x", "y")]
-    for path in paths:
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: run the preprocess stage first")
-    x, y = (np.load(path) for path in paths)
-    return x, y
+    return load_array(processed_dir, f"{split}_x"), load_array(processed_dir, f"{split}_y")
 
 
 def load_meta(processed_dir: Path) -> dict:
@@ -221,7 +270,7 @@ def _save_npy(path: Path, array: np.ndarray) -> str:
     return write_atomic(path, [buf.getbuffer()])
 
 
-def _raw_sha256(raw_dir: Path, manifest: Mapping) -> dict[str, str]:
+def raw_sha256(raw_dir: Path, manifest: Mapping) -> dict[str, str]:
     # An image folder may hold thousands of files, and each entry becomes a tracking tag, so
     # it is summarized by the manifest, which changes exactly when an image does.
     if manifest["format"] == "image_folder":
@@ -229,7 +278,7 @@ def _raw_sha256(raw_dir: Path, manifest: Mapping) -> dict[str, str]:
     return dict(manifest["files"])
 
 
-def _read_verified(path: Path, expected: str) -> bytes:
+def read_verified(path: Path, expected: str) -> bytes:
     """The bytes of a raw file, checked against the manifest so a stale collect can't slip by."""
     if not path.is_file():
         raise DataError(f"{path} is missing: re-run the collect stage")
@@ -261,7 +310,7 @@ def _read_idx_file(raw_dir: Path, manifest: Mapping, prefix: str, magic: int) ->
     if len(names) != 1:
         raise DataError(f"data.files needs exactly one '{prefix}*' idx file, found {names}")
     path = raw_dir / names[0]
-    blob = _read_verified(path, manifest["files"][names[0]])
+    blob = read_verified(path, manifest["files"][names[0]])
     try:
         buf = gzip.decompress(blob)
     except (OSError, EOFError, zlib.error) as e:
@@ -293,7 +342,7 @@ def _read_image_folder(data: Mapping, manifest: Mapping) -> tuple[np.ndarray, np
     y = np.empty(len(names), np.int64)
     for i, name in enumerate(names):
         path = root / name
-        blob = _read_verified(path, manifest["files"][name])
+        blob = read_verified(path, manifest["files"][name])
         try:
             with Image.open(io.BytesIO(blob)) as img:
                 # exif_transpose: phone JPEGs store rotation as a tag, not in the pixels.

@@ -1,69 +1,30 @@
 """Stage 6: log the model as an MLflow pyfunc, register it as `@challenger`, and promote it to
-`@champion` only when its test metric beats the current champion's."""
+`@champion` only when its test metric beats the current champion's (higher or lower, as
+`register.direction` says). The pyfunc itself is the task's (`Task.log_model`)."""
 
 from __future__ import annotations
 
 import json
 import logging
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
-import pandas as pd
-import torch
 from mlflow import MlflowClient
-from mlflow.models import infer_signature
 from omegaconf import DictConfig
 
-import dlpipe
-from dlpipe import serving
-from dlpipe.preprocess import load_meta, load_split
-from dlpipe.serving import ImageClassifier, load_checkpoint
+from dlpipe.preprocess import load_meta
+from dlpipe.tasks import get_task
 from dlpipe.tracking import setup_mlflow, write_json
 
 log = logging.getLogger(__name__)
 
 
-def champion_gate(challenger: float, champion: float | None) -> bool:
+def champion_gate(challenger: float, champion: float | None, maximize: bool = True) -> bool:
     """Promote when there is no champion yet, or the challenger is strictly better."""
-    return champion is None or challenger > champion
-
-
-def log_pyfunc(run_id: str, checkpoint: str, meta: dict[str, Any], example: np.ndarray) -> str:
-    """Log the checkpoint's network as a pyfunc on `run_id`; returns the model URI."""
-    net, hparams = load_checkpoint(checkpoint)
-    spec = {
-        "model": hparams["model"],
-        "input_shape": list(meta["input_shape"]),
-        "classes": list(meta["classes"]),
-        "mean": list(meta["mean"]),
-        "std": list(meta["std"]),
-    }
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "spec.json").write_text(json.dumps(spec, indent=2))
-        torch.save(net.state_dict(), Path(tmp) / "weights.pt")
-        artifacts = {"spec": f"{tmp}/spec.json", "weights": f"{tmp}/weights.pt"}
-        loaded = ImageClassifier()  # only to compute the output side of the signature
-        loaded.load_context(mlflow.pyfunc.PythonModelContext(artifacts, None))
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=Path(serving.__file__),
-                artifacts=artifacts,
-                # The package travels with the model, so it loads where dlpipe is not installed.
-                code_paths=[str(Path(dlpipe.__file__).parent)],
-                signature=infer_signature(example, loaded.predict(None, example)),
-                input_example=example,
-                pip_requirements=[
-                    f"torch=={torch.__version__.split('+')[0]}",
-                    f"numpy=={np.__version__}",
-                    f"pandas=={pd.__version__}",
-                    f"mlflow=={mlflow.__version__}",
-                ],
-            )
-    return info.model_uri
+    if champion is None:
+        return True
+    return challenger > champion if maximize else challenger < champion
 
 
 def register(cfg: DictConfig) -> dict[str, Any]:
@@ -75,13 +36,13 @@ def register(cfg: DictConfig) -> dict[str, Any]:
             f"register.metric={metric!r} is not among the evaluated metrics {sorted(metrics)}"
         )
     meta = load_meta(cfg.paths.processed)
-    example = load_split(cfg.paths.processed, "test")[0][:2]
+    task = get_task(cfg.task.name)
 
     setup_mlflow(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
     client = MlflowClient()
     name = cfg.register.model_name
     checkpoint = Path(cfg.paths.train) / run["best_checkpoint"]
-    model_uri = log_pyfunc(run["run_id"], str(checkpoint), meta, example)
+    model_uri = task.log_model(cfg, checkpoint, meta, run["run_id"])
     version = mlflow.register_model(model_uri, name).version
     client.set_registered_model_alias(name, "challenger", version)
 
@@ -91,7 +52,7 @@ def register(cfg: DictConfig) -> dict[str, Any]:
     )
     champion_value = _metric_of(client, champion, metric) if champion is not None else None
     challenger_value = metrics[metric]
-    promoted = champion_gate(challenger_value, champion_value)
+    promoted = champion_gate(challenger_value, champion_value, cfg.register.direction == "maximize")
     if promoted:
         client.set_registered_model_alias(name, "champion", version)
         decision = "promoted to champion" + (f" over v{champion.version}" if champion else "")

@@ -24,13 +24,11 @@ from lightning.pytorch.callbacks import (
 from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
-from dlpipe.datamodule import TensorDataModule
-from dlpipe.module import Classifier
+from dlpipe.preprocess import load_meta
+from dlpipe.tasks import get_task
 from dlpipe.tracking import check_reachable, flatten, provenance_tags, tracking_uri, write_json
 
 log = logging.getLogger(__name__)
-
-MONITOR = "val/acc"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -55,9 +53,8 @@ class FailOnNonFinite(Callback):
 
 
 class EpochHistory(Callback):
-    """Per-epoch metrics as rows, for `dvc plots` (MLflow gets the same values from the logger)."""
-
-    KEYS = ("train/loss", "train/acc", "val/loss", "val/acc")
+    """Per-epoch train/ and val/ metrics as rows, for `dvc plots` (MLflow gets the same values
+    from the logger)."""
 
     def __init__(self):
         self.rows: list[dict[str, float]] = []
@@ -65,12 +62,14 @@ class EpochHistory(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         metrics = trainer.callback_metrics
         row = {"epoch": trainer.current_epoch}
-        self.rows.append(row | {k: round(float(metrics[k]), 6) for k in self.KEYS if k in metrics})
+        keys = sorted(k for k in metrics if k.startswith(("train/", "val/")))
+        self.rows.append(row | {k: round(float(metrics[k]), 6) for k in keys})
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        keys = sorted({k for row in self.rows for k in row} - {"epoch"})
         with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["epoch", *self.KEYS])
+            writer = csv.DictWriter(f, fieldnames=["epoch", *keys])
             writer.writeheader()
             writer.writerows(self.rows)
 
@@ -112,18 +111,11 @@ def fit(
 ) -> tuple[L.Trainer, MLFlowLogger]:
     """Train the configured model on the processed data, logging to an MLflow run `run_name`."""
     L.seed_everything(cfg.seed, workers=True)
-    data = TensorDataModule(cfg.paths.processed, cfg.train.batch_size, cfg.seed)
-    meta = data.meta
-    module = Classifier(
-        model=to_dict(cfg.model),
-        input_shape=meta["input_shape"],
-        num_classes=meta["num_classes"],
-        mean=meta["mean"],
-        std=meta["std"],
-        optim=to_dict(cfg.optim),
-        label_smoothing=cfg.train.label_smoothing,
-        compile=cfg.train.compile,
-    )
+    task = get_task(cfg.task.name)
+    meta = load_meta(cfg.paths.processed)
+    data = task.datamodule(cfg, meta)
+    module = task.module(cfg, meta)
+    monitor, mode = cfg.task.monitor, "max" if cfg.task.direction == "maximize" else "min"
     uri = tracking_uri(cfg.mlflow.tracking_uri)
     check_reachable(uri)
     logger = MLFlowLogger(
@@ -146,11 +138,11 @@ def fit(
         all_callbacks.append(TQDMProgressBar(refresh_rate=cfg.train.progress_refresh_steps))
     if cfg.train.early_stopping_patience:
         all_callbacks.append(
-            EarlyStopping(MONITOR, mode="max", patience=cfg.train.early_stopping_patience)
+            EarlyStopping(monitor, mode=mode, patience=cfg.train.early_stopping_patience)
         )
     if ckpt_dir is not None:
         all_callbacks.append(
-            ModelCheckpoint(ckpt_dir, filename="best", monitor=MONITOR, mode="max", save_last=True)
+            ModelCheckpoint(ckpt_dir, filename="best", monitor=monitor, mode=mode, save_last=True)
         )
     trainer = L.Trainer(
         **trainer_kwargs,
@@ -208,16 +200,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "tracking_uri": tracking_uri(cfg.mlflow.tracking_uri),
         # relative to this file's folder, so the repo (and DVC's cache of it) can move
         "best_checkpoint": os.path.relpath(checkpoint.best_model_path, out),
-        "val_acc": float(checkpoint.best_model_score),
+        "monitor": cfg.task.monitor,
+        "best_score": float(checkpoint.best_model_score),
         "epochs": trainer.current_epoch,
     }
     write_json(out / "run.json", info)
     reports = Path(cfg.paths.reports) / "train"
     history.write(reports / "history.csv")
-    write_json(reports / "metrics.json", {"val/acc": info["val_acc"], "epochs": info["epochs"]})
+    write_json(
+        reports / "metrics.json", {info["monitor"]: info["best_score"], "epochs": info["epochs"]}
+    )
     log.info(
-        "best val/acc %.4f after %d epochs (run %s)",
-        info["val_acc"],
+        "best %s %.4f after %d epochs (run %s)",
+        info["monitor"],
+        info["best_score"],
         info["epochs"],
         info["run_id"],
     )

@@ -1,0 +1,42 @@
+"""The MLflow pyfunc that ships a classifier: raw inputs in the data format's documented form
+(images, a waveform, strings, table rows) in, class names and probabilities out."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import mlflow.models
+import mlflow.pyfunc
+import pandas as pd
+import torch
+
+from dlpipe.preprocess import format_module
+from dlpipe.serving import build_net
+
+
+class ClassifierModel(mlflow.pyfunc.PythonModel):
+    """Input: what the data format's `Adapter` documents (e.g. uint8 images (N, 28, 28) for
+    Fashion-MNIST), as `{"inputs": [...]}` at /invocations. Output: one row per input with
+    `label` (the most probable class name) and one probability column per class."""
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        with open(context.artifacts["spec"]) as f:
+            self.spec = json.load(f)
+        self.net = build_net(self.spec["model"], self.spec["net"])
+        self.net.load_state_dict(torch.load(context.artifacts["weights"], map_location="cpu"))
+        self.net.eval()
+        self.adapter = format_module(self.spec["format"]).Adapter(self.spec, context.artifacts)
+
+    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        x = self.adapter(model_input)
+        with torch.inference_mode():
+            probs = self.net(x).float().softmax(-1).numpy()
+        classes = self.spec["classes"]
+        frame = pd.DataFrame(probs.astype("float64"), columns=classes)
+        frame.insert(0, "label", [classes[i] for i in probs.argmax(1)])
+        return frame
+
+
+# MLflow "models from code": `log_model(python_model=<this file>)` loads the model from here.
+mlflow.models.set_model(ClassifierModel())

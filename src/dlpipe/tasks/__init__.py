@@ -1,0 +1,60 @@
+"""Tasks: what a model learns and how it is judged and shipped.
+
+The stages are task-agnostic: `train.fit` asks the task for its LightningModule and
+LightningDataModule, `evaluate` for its test metrics and report files, `register` for its MLflow
+pyfunc. A task is a module `dlpipe.tasks.<name>` exposing `TASK`, an object with the methods of
+`Task`; `conf/task/<name>.yaml` holds its settings (`cfg.task`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Protocol
+
+import lightning as L
+from omegaconf import DictConfig
+
+TASKS = ("classifier", "language_model", "gan", "autoencoder", "forecaster", "regressor")
+
+
+class Task(Protocol):
+    def datamodule(self, cfg: DictConfig, meta: dict[str, Any]) -> L.LightningDataModule:
+        """The processed train/val splits of `cfg.paths.processed`, batched."""
+
+    def module(self, cfg: DictConfig, meta: dict[str, Any]) -> L.LightningModule:
+        """A fresh LightningModule for `cfg.model`; it logs `cfg.task.monitor` every epoch."""
+
+    def evaluate(
+        self, cfg: DictConfig, checkpoint: Path, meta: dict[str, Any], out: Path
+    ) -> dict[str, float]:
+        """Test metrics of `checkpoint` ("test/..." keys). Report files (plots, tables,
+        samples) go into `out`, which the evaluate stage logs to MLflow as they are."""
+
+    def log_model(
+        self, cfg: DictConfig, checkpoint: Path, meta: dict[str, Any], run_id: str
+    ) -> str:
+        """Log `checkpoint` as an MLflow pyfunc under the run `run_id`; returns its model URI."""
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ValueError(
+            f"unknown task {name!r}: choose one of {list(TASKS)} (e.g. task=classifier)"
+        )
+    return importlib.import_module(f"dlpipe.tasks.{name}").TASK
+
+
+def net_args(meta: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The data-derived arguments of `create_model` (input kind and shape, classes, training
+    statistics, vocabulary) from a processed dataset's meta.json."""
+    args = {
+        "input_shape": list(meta["input_shape"]),
+        "num_classes": meta.get("num_classes", 1),
+        "input_kind": meta.get("input_kind", "image"),
+        "mean": meta.get("mean"),
+        "std": meta.get("std"),
+    }
+    if "vocab_size" in meta:
+        args |= {"vocab_size": meta["vocab_size"], "pad_id": meta.get("pad_id", 0)}
+    return args | extra

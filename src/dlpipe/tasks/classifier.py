@@ -1,0 +1,214 @@
+"""Classification of images, spectrograms, token sequences or table rows: cross-entropy and
+accuracy in training; accuracy, macro P/R/F1, ROC-AUC and a confusion matrix on the test split."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.functional.classification import (
+    multiclass_accuracy,
+    multiclass_auroc,
+    multiclass_confusion_matrix,
+    multiclass_f1_score,
+    multiclass_precision,
+    multiclass_recall,
+)
+
+from dlpipe.datamodule import make_datamodule
+from dlpipe.models import create_model
+from dlpipe.optim import configure_optimizers
+from dlpipe.preprocess import format_module, load_split
+from dlpipe.serving import load_checkpoint, log_pyfunc
+from dlpipe.serving.classifier import ClassifierModel
+from dlpipe.tasks import net_args
+from dlpipe.tracking import write_json
+
+
+class Classifier(L.LightningModule):
+    """Trains `create_model(**model, **net)`; `self.net` alone is evaluated and shipped."""
+
+    def __init__(
+        self,
+        model: Mapping[str, Any],
+        net: Mapping[str, Any],
+        optim: Mapping[str, Any],
+        label_smoothing: float,
+        compile: bool = False,
+    ):
+        super().__init__()
+        # Recorded in the checkpoint so it rebuilds on its own; MLflow gets the full config instead.
+        self.save_hyperparameters(logger=False)
+        self.net = create_model(**model, **net)
+        # Kept out of the module tree so the state_dict keys stay those of `net`.
+        self.__dict__["_forward"] = torch.compile(self.net) if compile else self.net
+        num_classes = net["num_classes"]
+        # validate_args=False: the default check calls torch.unique, a device sync every step.
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        self.train_acc.update(logits, y)  # computed once per epoch, when logged
+        # Epoch aggregates only: values stay on the device, no host sync inside the loop.
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+        x, y = batch
+        logits = self(x)
+        self.val_acc.update(logits, y)
+        self.log("val/loss", F.cross_entropy(logits, y), prog_bar=True, sync_dist=True)
+        self.log("val/acc", self.val_acc, prog_bar=True)
+
+    def configure_optimizers(self):
+        return configure_optimizers(self, self.hparams.optim)
+
+
+@torch.inference_mode()
+def predict_logits(net: torch.nn.Module, x: np.ndarray, batch_size: int = 2048) -> torch.Tensor:
+    net.eval()
+    device = next(net.parameters()).device
+    inputs = torch.from_numpy(x)
+    return torch.cat(
+        [
+            net(inputs[i : i + batch_size].to(device)).float().cpu()
+            for i in range(0, len(inputs), batch_size)
+        ]
+    )
+
+
+def classification_report(
+    logits: torch.Tensor, target: torch.Tensor, classes: Sequence[str]
+) -> tuple[dict[str, float], dict[str, dict[str, float]], torch.Tensor]:
+    """(summary metrics, per-class precision/recall/F1/support, confusion matrix [true, pred])."""
+    k = len(classes)
+    probs = logits.softmax(-1)
+    summary = {
+        "test/loss": F.cross_entropy(logits, target).item(),
+        "test/acc": multiclass_accuracy(probs, target, k, average="micro").item(),
+        "test/precision_macro": multiclass_precision(probs, target, k, average="macro").item(),
+        "test/recall_macro": multiclass_recall(probs, target, k, average="macro").item(),
+        "test/f1_macro": multiclass_f1_score(probs, target, k, average="macro").item(),
+        "test/roc_auc_ovr_macro": multiclass_auroc(probs, target, k, average="macro").item(),
+    }
+    per_metric = {
+        "precision": multiclass_precision(probs, target, k, average=None),
+        "recall": multiclass_recall(probs, target, k, average=None),
+        "f1": multiclass_f1_score(probs, target, k, average=None),
+        "roc_auc": multiclass_auroc(probs, target, k, average=None),
+    }
+    support = torch.bincount(target, minlength=k)
+    per_class = {
+        name: {m: values[i].item() for m, values in per_metric.items()}
+        | {"support": int(support[i])}
+        for i, name in enumerate(classes)
+    }
+    return summary, per_class, multiclass_confusion_matrix(probs, target, k)
+
+
+def plot_confusion(matrix: torch.Tensor, classes: Sequence[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 7))
+    image = ax.imshow(matrix.numpy(), cmap="Blues")
+    ax.set(
+        xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted", ylabel="true"
+    )
+    ax.set_xticklabels(classes, rotation=45, ha="right")
+    ax.set_yticklabels(classes)
+    for (i, j), n in np.ndenumerate(matrix.numpy()):
+        ax.text(
+            j,
+            i,
+            str(n),
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="white" if n > matrix.max() / 2 else "black",
+        )
+    fig.colorbar(image)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_confusion_rows(
+    path: Path, classes: Sequence[str], target: np.ndarray, predicted: np.ndarray
+) -> None:
+    """One (actual, predicted) row per test sample, for `dvc plots`' confusion template."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["actual", "predicted"])
+        writer.writerows(
+            (classes[t], classes[p])
+            for t, p in zip(target.tolist(), predicted.tolist(), strict=True)
+        )
+
+
+class ClassifierTask:
+    def datamodule(self, cfg: DictConfig, meta: dict[str, Any]) -> L.LightningDataModule:
+        return make_datamodule(cfg, meta)
+
+    def module(self, cfg: DictConfig, meta: dict[str, Any]) -> L.LightningModule:
+        return Classifier(
+            model=OmegaConf.to_container(cfg.model, resolve=True),
+            net=net_args(meta),
+            optim=OmegaConf.to_container(cfg.optim, resolve=True),
+            label_smoothing=cfg.train.label_smoothing,
+            compile=cfg.train.compile,
+        )
+
+    def evaluate(
+        self, cfg: DictConfig, checkpoint: Path, meta: dict[str, Any], out: Path
+    ) -> dict[str, float]:
+        classes = meta["classes"]
+        net, _ = load_checkpoint(checkpoint)
+        x, y = load_split(cfg.paths.processed, "test")
+        logits = predict_logits(net, x)
+        summary, per_class, matrix = classification_report(logits, torch.from_numpy(y), classes)
+        write_json(out / "per_class.json", per_class)
+        write_confusion_rows(out / "confusion.csv", classes, y, logits.argmax(-1).numpy())
+        plot_confusion(matrix, classes, out / "confusion.png")
+        return summary
+
+    def log_model(
+        self, cfg: DictConfig, checkpoint: Path, meta: dict[str, Any], run_id: str
+    ) -> str:
+        net, hparams = load_checkpoint(checkpoint)
+        fmt = format_module(meta["format"])
+        spec = {
+            "model": hparams["model"],
+            "net": hparams["net"],
+            "classes": list(meta["classes"]),
+            "format": meta["format"],
+            "input": fmt.INPUT_DOC,
+        }
+        return log_pyfunc(
+            run_id,
+            ClassifierModel,
+            spec,
+            net.state_dict(),
+            fmt.example_input(Path(cfg.paths.processed)),
+            files=fmt.serving_files(Path(cfg.paths.processed)),
+        )
+
+
+TASK = ClassifierTask()
