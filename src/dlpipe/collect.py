@@ -11,6 +11,7 @@ Downloaded datasets list their files in `data.files`, each either `name: <sha256
       member: a/b.tsv      # the upstream is a zip/tar archive: store this member of it
       members: "*/recordings/*.wav"   # ...or every member matching this glob, into folder `name`
       mirror: b.tsv.gz     # the file's name in the mirror (a .gz there is decompressed)
+      mirror_member: x/b.csv   # the mirror holds an archive: store this member of it
 """
 
 import fnmatch
@@ -144,7 +145,7 @@ def _file_spec(data: Mapping, name: str, entry: object) -> dict:
     expected = str(spec.get("sha256", "")).lower()
     if len(expected) != 64 or not set(expected) <= set("0123456789abcdef"):
         raise ValueError(f"data.files.{name}: sha256 {expected!r} is not 64 hex digits")
-    unknown = set(spec) - {"sha256", "url", "member", "members", "mirror"}
+    unknown = set(spec) - {"sha256", "url", "member", "members", "mirror", "mirror_member"}
     if unknown:
         raise ValueError(f"data.files.{name} has unknown keys {sorted(unknown)}")
     return {
@@ -153,6 +154,7 @@ def _file_spec(data: Mapping, name: str, entry: object) -> dict:
         "member": spec.get("member"),
         "members": spec.get("members"),
         "mirror": spec.get("mirror") or name,
+        "mirror_member": spec.get("mirror_member"),
     }
 
 
@@ -221,6 +223,8 @@ def _fetch(data: Mapping, name: str, spec: Mapping, dest: Path, mirror: Path | N
     verify = _checker(name, expected, str(source), fix)
     if spec["members"] is not None:
         _extract(source, spec, dest, verify)
+    elif spec["mirror_member"] is not None:
+        _extract(source, {"member": spec["mirror_member"], "members": None}, dest, verify)
     elif source.suffix == ".gz" and not name.endswith(".gz"):
         write_atomic(dest, _gunzip_chunks(source), verify)
     else:
