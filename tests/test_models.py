@@ -120,9 +120,10 @@ def _options(group: str) -> list[str]:
 
 # Keys a group option must set before it composes (`???` in its yaml).
 def _required(group: str, option: str) -> list[str]:
-    """Overrides an option needs to resolve: a data config's mandatory `path`."""
+    """Overrides an option needs to resolve: a value for each of its mandatory (???) keys,
+    e.g. the `path` of the user's own data."""
     node = OmegaConf.load(CONF / group / f"{option}.yaml")
-    return ["data.path=/data/mine"] if group == "data" and node.get("path") == "???" else []
+    return [f"{group}.{k}=mine" for k in node.keys() if OmegaConf.is_missing(node, k)]
 
 
 @pytest.mark.parametrize(
@@ -185,3 +186,121 @@ def test_search_space_names_real_config_keys(compose_conf, name):
             assert OmegaConf.select(trial_cfg, key) == value
         # Every sampled point builds: the choices are values the builder accepts.
         _build(to_dict(trial_cfg.model), (28, 28))
+
+
+# --- sequence models: masks ---------------------------------------------------------------
+
+VOCAB, PAD = 50, 0
+SEQUENCE_MODELS = ["rnn", "lstm", "gru", "transformer"]
+
+
+def _token_model(name: str, per_step: bool = False, **overrides) -> torch.nn.Module:
+    kwargs = _defaults(name, dropout=0.0, **overrides)
+    return create_model(
+        kwargs.pop("name"),
+        input_shape=(24,),
+        num_classes=VOCAB if per_step else NUM_CLASSES,
+        input_kind="tokens",
+        vocab_size=VOCAB,
+        pad_id=PAD,
+        per_step=per_step,
+        **kwargs,
+    ).eval()
+
+
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("rnn", {}),
+        ("lstm", {"bidirectional": True, "num_layers": 2}),
+        ("gru", {"bidirectional": False}),
+        ("transformer", {"pooling": "mean"}),
+        ("transformer", {"pooling": "cls"}),
+    ],
+    ids=str,
+)
+def test_padding_never_changes_a_classification(name, overrides):
+    torch.manual_seed(0)
+    net = _token_model(name, **overrides)
+    lengths = [3, 9, 16]
+    gen = torch.Generator().manual_seed(1)
+    tokens = [torch.randint(1, VOCAB, (n,), generator=gen) for n in lengths]
+    with torch.inference_mode():
+        alone = [net(t[None]) for t in tokens]  # each sequence on its own, no padding at all
+        for width in (16, 24):  # padded to the longest, and padded further
+            batch = torch.full((len(tokens), width), PAD)
+            for i, t in enumerate(tokens):
+                batch[i, : len(t)] = t
+            padded = net(batch)
+            for i in range(len(tokens)):
+                torch.testing.assert_close(padded[i : i + 1], alone[i], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["gpt", "lstm", "gru", "rnn"])
+def test_causal_models_never_see_the_future(name):
+    torch.manual_seed(0)
+    overrides = {} if name == "gpt" else {"bidirectional": False}
+    net = _token_model(name, per_step=True, **overrides)
+    x = torch.randint(1, VOCAB, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        logits = net(x)
+        assert logits.shape == (2, 24, VOCAB)
+        for t in (0, 11, 23):
+            changed = x.clone()
+            changed[:, t:] = (changed[:, t:] + 7) % VOCAB  # rewrite position t and everything after
+            after = net(changed)
+            torch.testing.assert_close(after[:, :t], logits[:, :t], atol=0, rtol=0)
+            assert not torch.allclose(after[:, t], logits[:, t])  # position t itself does change
+
+
+def test_models_that_would_see_the_future_refuse_language_modeling():
+    with pytest.raises(ValueError, match="bidirectional=false"):
+        _token_model("lstm", per_step=True, bidirectional=True)
+    with pytest.raises(ValueError, match="model=gpt"):
+        _token_model("transformer", per_step=True)
+    with pytest.raises(ValueError, match="task=language_model"):
+        _token_model("gpt", per_step=False)
+
+
+@pytest.mark.parametrize("name", SEQUENCE_MODELS)
+def test_sequence_models_read_feature_sequences(name):
+    # e.g. spectrogram frames (B, T, F) or price windows
+    kwargs = _defaults(name)
+    net = create_model(
+        kwargs.pop("name"),
+        input_shape=(40, 16),
+        num_classes=NUM_CLASSES,
+        input_kind="features",
+        mean=[0.5] * 16,
+        std=[2.0] * 16,
+        **kwargs,
+    ).eval()
+    with torch.inference_mode():
+        assert net(torch.randn(3, 40, 16)).shape == (3, NUM_CLASSES)
+
+
+def test_conditional_search_space_samples_each_branch_its_own_leaves():
+    space = {
+        "optim": {
+            "name": {"type": "categorical", "choices": ["adam", "sgd"]},
+            "lr": {"type": "float", "low": 1e-4, "high": 1e-3, "when": {"optim.name": ["adam"]}},
+            "lr@sgd": {"type": "float", "low": 0.01, "high": 0.2, "when": {"optim.name": "sgd"}},
+            "momentum": {"type": "float", "low": 0.8, "high": 0.9, "when": {"optim.name": "sgd"}},
+        }
+    }
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(20):
+        params = suggest(study.ask(), space)
+        seen.add(params["optim.name"])
+        if params["optim.name"] == "sgd":
+            assert set(params) == {"optim.name", "optim.lr", "optim.momentum"}
+            assert 0.01 <= params["optim.lr"] <= 0.2
+        else:
+            assert set(params) == {"optim.name", "optim.lr"}
+            assert 1e-4 <= params["optim.lr"] <= 1e-3
+    assert seen == {"adam", "sgd"}
+
+    backwards = {"momentum": {**space["optim"]["momentum"]}, "optim": space["optim"]}
+    with pytest.raises(ValueError, match="not sampled before it"):
+        suggest(study.ask(), backwards)

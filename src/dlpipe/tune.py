@@ -35,19 +35,34 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 SAMPLE_TYPES = ("float", "int", "categorical")
 
 
-def suggest(trial: optuna.Trial, space: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Sample every leaf of a (nested) search space; returns {"optim.lr": 0.003, ...}."""
-    params: dict[str, Any] = {}
+def suggest(
+    trial: optuna.Trial,
+    space: Mapping[str, Any],
+    prefix: str = "",
+    params: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Sample every leaf of a (nested) search space; returns {"optim.lr": 0.003, ...}.
+
+    A leaf with `when: {"optim.name": [sgd]}` is sampled only if the parameters sampled before
+    it (in file order) have one of those values: a conditional space, e.g. momentum for SGD only.
+    `lr@sgd` sets the config key `lr` under its own Optuna name, so one key can have a range
+    per branch.
+    """
+    params = {} if params is None else params
     for key, spec in space.items():
         name = f"{prefix}{key}"
         if "type" not in spec:
-            params.update(suggest(trial, spec, f"{name}."))
-        elif spec["type"] == "float":
-            params[name] = trial.suggest_float(
+            suggest(trial, spec, f"{name}.", params)
+            continue
+        if not _applies(spec.get("when"), params, name):
+            continue
+        key = config_key(name)
+        if spec["type"] == "float":
+            params[key] = trial.suggest_float(
                 name, spec["low"], spec["high"], log=spec.get("log", False), step=spec.get("step")
             )
         elif spec["type"] == "int":
-            params[name] = trial.suggest_int(
+            params[key] = trial.suggest_int(
                 name,
                 spec["low"],
                 spec["high"],
@@ -55,12 +70,31 @@ def suggest(trial: optuna.Trial, space: Mapping[str, Any], prefix: str = "") -> 
                 step=spec.get("step", 1),
             )
         elif spec["type"] == "categorical":
-            params[name] = trial.suggest_categorical(name, list(spec["choices"]))
+            params[key] = trial.suggest_categorical(name, list(spec["choices"]))
         else:
             raise ValueError(
                 f"search.{name}.type is {spec['type']!r}: choose one of {SAMPLE_TYPES}"
             )
     return params
+
+
+def config_key(name: str) -> str:
+    """The config key an Optuna parameter sets: "optim.lr@sgd" -> "optim.lr"."""
+    return name.split("@", 1)[0]
+
+
+def _applies(when: Mapping[str, Any] | None, params: Mapping[str, Any], name: str) -> bool:
+    if not when:
+        return True
+    for key, allowed in when.items():
+        if key not in params:
+            raise ValueError(
+                f"search.{name}.when refers to {key!r}, which is not sampled before it: put "
+                f"{key} earlier in the search space"
+            )
+        if params[key] not in (allowed if isinstance(allowed, list | tuple) else [allowed]):
+            return False
+    return True
 
 
 def study_name(cfg: DictConfig) -> str:
@@ -216,7 +250,8 @@ def tune(cfg: DictConfig) -> dict[str, Any]:
     client.set_terminated(parent_id)
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "best_params.yaml").write_text(yaml.safe_dump(study.best_params, sort_keys=True))
+    best = {config_key(k): v for k, v in study.best_params.items()}
+    (out / "best_params.yaml").write_text(yaml.safe_dump(best, sort_keys=True))
     write_json(out / "study.json", summary)
     log.info(
         "best %s %.4f (trial %d): %s",
