@@ -113,13 +113,13 @@ class Standardize(nn.Module):
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
 
-def _activation(name: str) -> nn.Module:
+def activation_layer(name: str) -> nn.Module:
     if name not in _ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}: choose one of {sorted(_ACTIVATIONS)}")
     return _ACTIVATIONS[name]()
 
 
-def _norm(kind: str, features: int, *, conv: bool) -> nn.Module:
+def norm_layer(kind: str, features: int, *, conv: bool) -> nn.Module:
     if kind == "none":
         return nn.Identity()
     if kind == "batch":
@@ -150,8 +150,8 @@ def mlp(
     for _ in range(depth):
         layers += [
             nn.Linear(features, width, bias=norm == "none"),
-            _norm(norm, width, conv=False),
-            _activation(activation),
+            norm_layer(norm, width, conv=False),
+            activation_layer(activation),
             nn.Dropout(dropout),
         ]
         features = width
@@ -183,8 +183,8 @@ def cnn(
         for _ in range(convs_per_stage):
             layers += [
                 nn.Conv2d(channels, out, 3, padding=1, bias=norm == "none"),
-                _norm(norm, out, conv=True),
-                _activation(activation),
+                norm_layer(norm, out, conv=True),
+                activation_layer(activation),
             ]
             channels = out
         layers.append(nn.MaxPool2d(2))  # (B, C, H, W) -> (B, C, H/2, W/2)

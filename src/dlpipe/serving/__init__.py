@@ -20,7 +20,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
-from mlflow.models import infer_signature
+from mlflow.models import ModelSignature, infer_signature
 
 import dlpipe
 from dlpipe.models import create_model
@@ -73,12 +73,14 @@ def log_pyfunc(
     files: Mapping[str, str] | None = None,
     params: Mapping[str, Any] | None = None,
     extra_requirements: tuple[str, ...] = (),
+    signature: ModelSignature | None = None,
 ) -> str:
     """Log `python_model` (a class defined in a dlpipe/serving file ending in set_model) with
     its spec, weights and extra `files` as artifacts on `run_id`; returns the model URI.
 
     The signature is inferred from `example` and the model's own prediction on it, with
-    `params` (inference parameters and their defaults) when the model takes any."""
+    `params` (inference parameters and their defaults) when the model takes any, unless the
+    task passes its own `signature`."""
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "spec.json").write_text(json.dumps(spec, indent=2))
         torch.save(dict(weights), Path(tmp) / "weights.pt")
@@ -92,7 +94,8 @@ def log_pyfunc(
                 python_model=Path(inspect.getfile(python_model)),
                 artifacts=artifacts,
                 code_paths=[str(Path(dlpipe.__file__).parent)],
-                signature=infer_signature(example, output, params=dict(params) if params else None),
+                signature=signature
+                or infer_signature(example, output, params=dict(params) if params else None),
                 input_example=(example, dict(params)) if params else example,
                 pip_requirements=pip_requirements(*extra_requirements),
             )

@@ -1,0 +1,270 @@
+"""Unsupervised image representations: a convolutional autoencoder (model=autoencoder) or VAE
+(model=vae) trained on the images alone. The reconstruction loss is the Bernoulli negative
+log-likelihood (BCE) of the pixels scaled to [0, 1], summed per image (nats); the VAE adds
+beta * KL(q(z|x) || N(0, I)). Judged on the test split by reconstruction error, the VAE's ELBO,
+and how well k-means on the latent codes recovers the hidden classes (NMI, ARI), against
+k-means on the raw pixels."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import MLFlowLogger
+from mlflow.models import ModelSignature
+from mlflow.types import ParamSchema, ParamSpec
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+
+from dlpipe.datamodule import make_datamodule
+from dlpipe.optim import configure_optimizers
+from dlpipe.preprocess import load_split
+from dlpipe.serving import log_pyfunc, read_checkpoint, submodule_state
+from dlpipe.serving.autoencoder import AutoencoderModel, ConvAutoencoder, build_autoencoder
+
+
+def reconstruction_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """-log p(x|z) of [0, 1] pixels under per-pixel Bernoullis, summed per image, batch mean."""
+    return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / len(logits)
+
+
+def kl_to_standard_normal(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, I)) per image (closed form), batch mean."""
+    return 0.5 * (mean.pow(2) + logvar.exp() - logvar - 1).sum(dim=1).mean()
+
+
+class Autoencoder(L.LightningModule):
+    """Trains `build_autoencoder(model, net)` on images only (a batch's labels are never read);
+    `self.net` alone is evaluated and shipped."""
+
+    def __init__(
+        self,
+        model: Mapping[str, Any],
+        net: Mapping[str, Any],
+        optim: Mapping[str, Any],
+        recon_images: int,
+    ):
+        super().__init__()
+        # Recorded in the checkpoint so it rebuilds on its own; MLflow gets the full config instead.
+        self.save_hyperparameters(logger=False)
+        self.net = build_autoencoder(model, net)
+        self.beta = model.get("beta")  # weight of the KL term; vae only
+        self.shown: torch.Tensor | None = None  # validation images of the per-epoch grid
+
+    def losses(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits, mean, logvar = self.net(x)
+        recon = reconstruction_bce(logits, self.net.pixels(x))
+        if logvar is None:
+            return {"loss": recon, "recon": recon}
+        kl = kl_to_standard_normal(mean, logvar)
+        return {"loss": recon + self.beta * kl, "recon": recon, "kl": kl}
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+        x, _ = batch  # unsupervised: the labels stay unread
+        loss = self.losses(x)["loss"]
+        # Epoch aggregates only: values stay on the device, no host sync inside the loop.
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+        x, _ = batch
+        if batch_idx == 0:
+            self.shown = x[: self.hparams.recon_images]
+        for name, value in self.losses(x).items():
+            self.log(f"val/{name}", value, prog_bar=name == "loss", sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        """Logs originals over reconstructions of the first validation images (rank zero, once
+        per epoch: one small decode and one PNG)."""
+        if (
+            self.trainer.sanity_checking
+            or not self.trainer.is_global_zero
+            or not isinstance(self.logger, MLFlowLogger)
+            or self.shown is None
+            or len(self.shown) == 0
+        ):
+            return
+        originals = self.shown.cpu().numpy()
+        grid = image_grid([originals, reconstruct(self.net, originals)])
+        self.logger.experiment.log_image(
+            self.logger.run_id, grid, f"reconstructions/epoch_{self.current_epoch:03d}.png"
+        )
+
+    def configure_optimizers(self):
+        return configure_optimizers(self, self.hparams.optim)
+
+
+def load_autoencoder(checkpoint: Path) -> tuple[ConvAutoencoder, dict[str, Any]]:
+    """The checkpoint's network (eval mode, CPU) and hyperparameters, without Lightning."""
+    state, hparams = read_checkpoint(checkpoint)
+    net = build_autoencoder(hparams["model"], hparams["net"])
+    net.load_state_dict(submodule_state(state, "net."))
+    return net.eval(), hparams
+
+
+@torch.inference_mode()
+def reconstruct(net: ConvAutoencoder, x: np.ndarray) -> np.ndarray:
+    """uint8 images -> their uint8 reconstructions from the code (the VAE's posterior mean)."""
+    inputs = torch.from_numpy(x).to(next(net.parameters()).device)
+    return net.to_images(net.decode(net.encode(inputs)[0])).cpu().numpy()
+
+
+@torch.inference_mode()
+def reconstruction_scores(
+    net: ConvAutoencoder, x: np.ndarray, batch_size: int = 1024
+) -> tuple[dict[str, float], np.ndarray]:
+    """Per-image means of the reconstruction error (MSE per pixel on [0, 1], BCE in nats) and,
+    for the VAE, of the KL and the one-sample ELBO estimate (nats); plus the codes (N, d)."""
+    totals: dict[str, float] = defaultdict(float)
+    codes = []
+    for i in range(0, len(x), batch_size):
+        batch = torch.from_numpy(x[i : i + batch_size])
+        target = net.pixels(batch)
+        mean, logvar = net.encode(batch)
+        logits = net.decode(mean)
+        n = len(batch)
+        totals["test/recon_mse"] += F.mse_loss(logits.sigmoid(), target).item() * n
+        totals["test/recon_bce"] += reconstruction_bce(logits, target).item() * n
+        if logvar is not None:
+            sampled, _, _ = net(batch)  # the ELBO's reconstruction term is over z ~ q(z|x)
+            kl = kl_to_standard_normal(mean, logvar).item()
+            totals["test/kl"] += kl * n
+            totals["test/elbo"] -= (reconstruction_bce(sampled, target).item() + kl) * n
+        codes.append(mean)
+    return {k: v / len(x) for k, v in totals.items()}, torch.cat(codes).numpy()
+
+
+def cluster_scores(
+    features: np.ndarray, labels: np.ndarray, k: int, n_init: int, seed: int
+) -> tuple[float, float]:
+    """(NMI, adjusted Rand index) of k-means clusters of `features` against the true labels."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    clusters = KMeans(k, n_init=n_init, random_state=seed).fit_predict(features)
+    return (
+        float(normalized_mutual_info_score(labels, clusters)),
+        float(adjusted_rand_score(labels, clusters)),
+    )
+
+
+def image_grid(rows: Sequence[np.ndarray], gap: int = 2) -> np.ndarray:
+    """Rows of equally many uint8 images (n, H, W[, C]) tiled into one image, white gaps."""
+    n, height, width, *channels = rows[0].shape
+    grid = np.full(
+        (len(rows) * (height + gap) - gap, n * (width + gap) - gap, *channels), 255, np.uint8
+    )
+    for r, images in enumerate(rows):
+        for c, image in enumerate(images):
+            top, left = r * (height + gap), c * (width + gap)
+            grid[top : top + height, left : left + width] = image
+    return grid
+
+
+def plot_latents(
+    codes: np.ndarray,
+    labels: np.ndarray,
+    classes: Sequence[str],
+    path: Path,
+    seed: int,
+    tsne_samples: int,
+) -> None:
+    """PCA of the codes to 2-D, coloured by true class; beside it a t-SNE of a seeded subsample
+    of `tsne_samples` codes (0: PCA only)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    panels = [("PCA", PCA(2, random_state=seed).fit_transform(codes), labels)]
+    if tsne_samples:
+        rng = np.random.default_rng(seed)
+        keep = rng.permutation(len(codes))[:tsne_samples]
+        embedded = TSNE(2, init="pca", random_state=seed).fit_transform(codes[keep])
+        panels.append((f"t-SNE ({len(keep)} samples)", embedded, labels[keep]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 6), squeeze=False)
+    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+    for ax, (title, points, y) in zip(axes[0], panels, strict=True):
+        for c, name in enumerate(classes):
+            chosen = y == c
+            ax.scatter(*points[chosen].T, s=3, alpha=0.6, color=cmap(c % cmap.N), label=name)
+        ax.set(title=f"latent codes: {title}", xticks=[], yticks=[])
+    axes[0][-1].legend(markerscale=4, fontsize=8, loc="center left", bbox_to_anchor=(1, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def per_class_examples(labels: np.ndarray, num_classes: int, per_class: int) -> np.ndarray:
+    """Indices of the first `per_class` samples of each class, class-major."""
+    return np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(num_classes)])
+
+
+class AutoencoderTask:
+    def datamodule(self, cfg: DictConfig, meta: dict[str, Any]) -> L.LightningDataModule:
+        return make_datamodule(cfg, meta)
+
+    def module(self, cfg: DictConfig, meta: dict[str, Any]) -> L.LightningModule:
+        kind = meta.get("input_kind", "image")
+        if kind != "image":
+            raise ValueError(
+                f"task=autoencoder needs image data, but data={meta['name']} holds {kind!r} "
+                "inputs: pick an image dataset (e.g. data=fashion_mnist)"
+            )
+        return Autoencoder(
+            model=OmegaConf.to_container(cfg.model, resolve=True),
+            net={"input_shape": list(meta["input_shape"])},
+            optim=OmegaConf.to_container(cfg.optim, resolve=True),
+            recon_images=cfg.task.recon_images,
+        )
+
+    def evaluate(
+        self, cfg: DictConfig, checkpoint: Path, meta: dict[str, Any], out: Path
+    ) -> dict[str, float]:
+        net, _ = load_autoencoder(checkpoint)
+        x, y = load_split(cfg.paths.processed, "test")
+        torch.manual_seed(cfg.seed)  # the VAE's sampled z in the ELBO estimate
+        summary, codes = reconstruction_scores(net, x)
+        k, n_init = cfg.task.clusters, cfg.task.kmeans_n_init
+        summary["test/nmi"], summary["test/ari"] = cluster_scores(codes, y, k, n_init, cfg.seed)
+        pixels = x.reshape(len(x), -1).astype(np.float32) / 255.0
+        nmi, ari = cluster_scores(pixels, y, k, n_init, cfg.seed)
+        summary["test/nmi_pixels_baseline"], summary["test/ari_pixels_baseline"] = nmi, ari
+
+        classes = meta["classes"]
+        plot_latents(codes, y, classes, out / "latents.png", cfg.seed, cfg.task.tsne_samples)
+        shown = x[per_class_examples(y, len(classes), per_class=2)]
+        grid = image_grid([shown, reconstruct(net, shown)])
+        Image.fromarray(grid).save(out / "reconstructions.png")
+        return summary
+
+    def log_model(
+        self, cfg: DictConfig, checkpoint: Path, meta: dict[str, Any], run_id: str
+    ) -> str:
+        net, hparams = load_autoencoder(checkpoint)
+        spec = {"model": hparams["model"], "net": hparams["net"], "format": meta["format"]}
+        example = load_split(cfg.paths.processed, "test")[0][:2]
+        # One tensor signature cannot describe both modes (images in for encode, latents in for
+        # decode), so only `mode` is declared; the model itself checks inputs and says what it
+        # expects.
+        mode = ParamSpec("mode", "string", "encode")
+        return log_pyfunc(
+            run_id,
+            AutoencoderModel,
+            spec,
+            net.state_dict(),
+            example,
+            params={"mode": "encode"},
+            signature=ModelSignature(params=ParamSchema([mode])),
+        )
+
+
+TASK = AutoencoderTask()
