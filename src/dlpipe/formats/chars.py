@@ -1,0 +1,121 @@
+"""Format "char_text": one plain-text file as a character-level token stream, split by position
+(not shuffled) the way nanoGPT's shakespeare_char does: train is the head of the text, then the
+validation slice, then a held-out test tail.
+
+    train = text[: n - n_val - n_test]   val = the next n_val chars   test = the last n_test chars
+    n_val = round(val_fraction * n), n_test = round(test_fraction * n)
+
+The vocabulary is the sorted set of characters of the training text (id = index). A character of
+the validation or test text that never occurs in training has no id: it is dropped from its
+stream, and meta.json counts the drops per split (`unseen_dropped`; 0 for Tiny Shakespeare).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from dlpipe.collect import DataError
+from dlpipe.preprocess import checked_manifest, raw_sha256, read_verified, save_arrays, write_meta
+
+log = logging.getLogger(__name__)
+
+
+def split_bounds(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
+    """(train end, val end) character offsets of a text of `n` characters."""
+    n_val, n_test = round(val_fraction * n), round(test_fraction * n)
+    return n - n_val - n_test, n - n_test
+
+
+def encode(text: str, chars: str) -> tuple[np.ndarray, int]:
+    """(ids of the characters of `text` that are in `chars`, how many were not)."""
+    # A lookup table over code points: vectorized, no per-character Python loop.
+    points = np.frombuffer(text.encode("utf-32-le"), np.uint32)
+    table = np.full(max(map(ord, chars)) + 1, -1, np.int64)
+    table[[ord(c) for c in chars]] = np.arange(len(chars))
+    ids = np.where(points < len(table), table[np.minimum(points, len(table) - 1)], -1)
+    known = ids >= 0
+    dtype = np.uint8 if len(chars) <= 256 else np.int32
+    return ids[known].astype(dtype), int((~known).sum())
+
+
+def preprocess(data: Mapping, raw_dir: Path, out_dir: Path, seed: int) -> dict:
+    manifest = checked_manifest(data, raw_dir)
+    _validate(data)
+    if len(manifest["files"]) != 1:
+        raise DataError(
+            f"data.files must list exactly one text file, got {list(manifest['files'])}"
+        )
+    ((name, sha256),) = manifest["files"].items()
+    blob = read_verified(Path(raw_dir) / name, sha256)
+    try:
+        text = blob.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{name} is not UTF-8 text ({e}): check data.files") from e
+    if data.get("limit") is not None:
+        text = text[: data["limit"]]  # the head of the text, for quick runs
+
+    block_size = data["block_size"]
+    train_end, val_end = split_bounds(len(text), data["val_fraction"], data["test_fraction"])
+    parts = {"train": text[:train_end], "val": text[train_end:val_end], "test": text[val_end:]}
+    chars = "".join(sorted(set(parts["train"])))
+    streams, dropped = {}, {}
+    for split, part in parts.items():
+        streams[split], dropped[split] = encode(part, chars)
+        if len(streams[split]) < block_size + 1:
+            raise ValueError(
+                f"the {split} split has {len(streams[split])} characters, fewer than "
+                f"data.block_size + 1 = {block_size + 1}: lower data.block_size or raise "
+                f"data.{'limit' if split == 'train' else f'{split}_fraction'}"
+            )
+    if any(dropped.values()):
+        log.warning("dropped characters never seen in training: %s", dropped)
+
+    sha = save_arrays(out_dir, {f"{split}_x": ids for split, ids in streams.items()})
+    meta = {
+        "name": data["name"],
+        "format": data["format"],
+        "input_shape": [block_size],
+        "input_kind": "tokens",
+        "mean": None,
+        "std": None,
+        "vocab_size": len(chars),
+        "pad_id": 0,  # nothing is padded: every window is full (the key is the tokens contract)
+        "chars": chars,
+        "bounds": {
+            "train": [0, train_end],
+            "val": [train_end, val_end],
+            "test": [val_end, len(text)],
+        },
+        "unseen_dropped": dropped,
+        "sizes": {split: len(ids) for split, ids in streams.items()},
+        "seed": seed,
+        "raw_sha256": raw_sha256(raw_dir, manifest),
+        "sha256": sha,
+    }
+    write_meta(out_dir, meta)
+    log.info(
+        "preprocessed %s: %d chars, vocabulary %d, sizes %s -> %s",
+        data["name"],
+        len(text),
+        len(chars),
+        meta["sizes"],
+        out_dir,
+    )
+    return meta
+
+
+def _validate(data: Mapping) -> None:
+    for key in ("val_fraction", "test_fraction"):
+        value = data.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 0.5:
+            raise ValueError(f"data.{key}={value!r} must be a fraction in (0, 0.5), e.g. 0.05")
+    block = data.get("block_size")
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"data.block_size={block!r} must be a positive integer, e.g. 256")
+    limit = data.get("limit")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"data.limit={limit!r} must be null (all text) or a character count")
