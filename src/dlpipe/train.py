@@ -47,7 +47,9 @@ class FailOnNonFinite(Callback):
         if loss is not None and not math.isfinite(float(loss)):
             raise NonFiniteLossError(
                 f"train/loss became {float(loss)} in epoch {trainer.current_epoch}: training "
-                f"diverged. Lower optim.lr (now {self.lr}), set trainer.gradient_clip_val=1.0, "
+                f"diverged. Lower the learning rate (optim.lr={self.lr}; for task=gan "
+                "task.generator_optim.lr / task.discriminator_optim.lr), set "
+                "trainer.gradient_clip_val=1.0 (not with task=gan), "
                 "or check the data for NaN/inf values."
             )
 
