@@ -88,7 +88,7 @@ def test_same_seed_same_metrics(make_cfg):
 
 def test_diverging_run_fails_and_names_the_fix(make_cfg):
     cfg = make_cfg("model=mlp", "optim.name=sgd", "optim.lr=1e12")
-    with pytest.raises(NonFiniteLossError, match=r"optim\.lr \(now 1000000000000\.0\)"):
+    with pytest.raises(NonFiniteLossError, match=r"optim\.lr=1000000000000\.0"):
         train(cfg)
     client = MlflowClient(cfg.mlflow.tracking_uri)
     (run,) = client.search_runs(
