@@ -168,6 +168,10 @@ class ClassifierTask:
         return make_datamodule(cfg, meta)
 
     def module(self, cfg: DictConfig, meta: dict[str, Any]) -> L.LightningModule:
+        if "classes" not in meta:
+            raise ValueError(
+                f"data={meta['name']} has no classes (its target is a number): use task=regressor"
+            )
         return Classifier(
             model=OmegaConf.to_container(cfg.model, resolve=True),
             net=net_args(meta),

@@ -1,0 +1,142 @@
+"""Next-day return forecasting from windows of daily price features: trained like any
+regressor (MSE on the standardized return, see tasks/regressor.py); judged on the test period
+by RMSE, MAE and directional accuracy, side by side with naive baselines that a forecast has
+to beat to be worth anything: zero return, and yesterday's return again."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+from omegaconf import DictConfig
+
+from dlpipe.datamodule import make_datamodule
+from dlpipe.formats.stocks import FEATURES
+from dlpipe.preprocess import format_module, load_array, load_split
+from dlpipe.serving import load_checkpoint, log_pyfunc
+from dlpipe.serving.forecaster import ForecasterModel
+from dlpipe.tasks.regressor import (
+    predict_values,
+    regression_metrics,
+    regression_module,
+    write_comparison,
+)
+
+RETURN = FEATURES.index("log_return")
+
+
+def direction_accuracy(pred: np.ndarray, actual: np.ndarray) -> float:
+    """Share of days whose predicted move has the actual move's direction (a flat day, return
+    exactly 0, counts as down)."""
+    return float(np.mean((pred > 0) == (actual > 0)))
+
+
+def forecast_report(
+    pred: np.ndarray, actual: np.ndarray, last: np.ndarray
+) -> dict[str, dict[str, float]]:
+    """Metrics of the model and the naive baselines, per predictor: `last` is each sample's
+    most recent known return (yesterday's, from the target day's point of view)."""
+
+    def scores(p: np.ndarray) -> dict[str, float]:
+        metrics = regression_metrics(p, actual)
+        return {"rmse": metrics["rmse"], "mae": metrics["mae"]}
+
+    return {
+        "model": scores(pred) | {"dir_acc": direction_accuracy(pred, actual)},
+        "naive_zero": scores(np.zeros_like(actual)),  # no direction to score
+        "naive_last": scores(last) | {"dir_acc": direction_accuracy(last, actual)},
+        "always_up": {"dir_acc": float(np.mean(actual > 0))},
+    }
+
+
+def plot_forecast(frame: dict[str, np.ndarray], path: Path, max_tickers: int = 4) -> None:
+    """Actual vs predicted next-day log returns over the test period, one panel per ticker."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    tickers = list(dict.fromkeys(frame["ticker"].tolist()))[:max_tickers]
+    fig, axes = plt.subplots(len(tickers), 1, figsize=(10, 2.6 * len(tickers)), squeeze=False)
+    for ax, ticker in zip(axes[:, 0], tickers, strict=True):
+        mine = frame["ticker"] == ticker
+        ax.plot(frame["date"][mine], frame["actual"][mine], linewidth=0.8, label="actual")
+        ax.plot(frame["date"][mine], frame["predicted"][mine], linewidth=1.2, label="predicted")
+        ax.axhline(0, color="black", linewidth=0.5)
+        ax.set(title=ticker, ylabel="log return")
+        ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+class ForecasterTask:
+    def datamodule(self, cfg: DictConfig, meta: dict[str, Any]) -> L.LightningDataModule:
+        return make_datamodule(cfg, meta)
+
+    def module(self, cfg: DictConfig, meta: dict[str, Any]) -> L.LightningModule:
+        if meta["format"] != "stock_prices":
+            raise ValueError(
+                f"task=forecaster needs data.format=stock_prices (e.g. data=sp500), not "
+                f"{meta['format']}: for other regression targets use task=regressor"
+            )
+        return regression_module(cfg, meta)
+
+    def evaluate(
+        self, cfg: DictConfig, checkpoint: Path, meta: dict[str, Any], out: Path
+    ) -> dict[str, float]:
+        processed = Path(cfg.paths.processed)
+        net, hparams = load_checkpoint(checkpoint)
+        x, actual = load_split(processed, "test")
+        actual = actual.astype(np.float64)
+        pred = predict_values(net, x, hparams["target"])
+        last = x[:, -1, RETURN].astype(np.float64)
+        report = forecast_report(pred, actual, last)
+        write_comparison(out / "comparison.csv", report)
+        frame = {
+            "date": load_array(processed, "test_date"),
+            "ticker": load_array(processed, "test_ticker"),
+            "actual": actual,
+            "predicted": pred,
+            "naive_last": last,
+        }
+        with open(out / "forecast.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(list(frame))
+            writer.writerows(zip(*(v.tolist() for v in frame.values()), strict=True))
+        plot_forecast(frame, out / "forecast.png")
+        return {
+            f"test/{metric}" if name == "model" else f"test/{name}/{metric}": value
+            for name, row in report.items()
+            for metric, value in row.items()
+        }
+
+    def log_model(
+        self, cfg: DictConfig, checkpoint: Path, meta: dict[str, Any], run_id: str
+    ) -> str:
+        net, hparams = load_checkpoint(checkpoint)
+        fmt = format_module(meta["format"])
+        processed = Path(cfg.paths.processed)
+        spec = {
+            "model": hparams["model"],
+            "net": hparams["net"],
+            "target": dict(hparams["target"]),
+            "window": meta["window"],
+            "features": meta["features"],
+            "format": meta["format"],
+            "input": fmt.INPUT_DOC,
+        }
+        return log_pyfunc(
+            run_id,
+            ForecasterModel,
+            spec,
+            net.state_dict(),
+            fmt.example_input(processed),
+            files=fmt.serving_files(processed),
+        )
+
+
+TASK = ForecasterTask()

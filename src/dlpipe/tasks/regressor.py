@@ -1,0 +1,209 @@
+"""Regression of one real-valued target (a table's column; the forecaster's next-day return):
+MSE on the standardized target in training; RMSE, MAE and R² in the target's own units on the
+test split, side by side with a linear-regression baseline on the same features."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import sklearn
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torchmetrics import MeanAbsoluteError, MeanSquaredError
+
+from dlpipe.datamodule import make_datamodule
+from dlpipe.models import create_model
+from dlpipe.optim import configure_optimizers
+from dlpipe.preprocess import format_module, load_split
+from dlpipe.serving import load_checkpoint, log_pyfunc
+from dlpipe.serving.regressor import RegressorModel
+from dlpipe.tasks import net_args
+
+
+class Regressor(L.LightningModule):
+    """Trains `create_model(**model, **net)` (one output) to predict the target standardized
+    with the training split's `target` mean/std; the processed `y` stays in original units,
+    so validation RMSE/MAE read in those units. `self.net` alone is evaluated and shipped."""
+
+    def __init__(
+        self,
+        model: Mapping[str, Any],
+        net: Mapping[str, Any],
+        optim: Mapping[str, Any],
+        target: Mapping[str, Any],
+        compile: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        self.net = create_model(**model, **net)
+        self.__dict__["_forward"] = torch.compile(self.net) if compile else self.net
+        self.mean, self.std = float(target["mean"]), float(target["std"])
+        self.val_rmse = MeanSquaredError(squared=False)
+        self.val_mae = MeanAbsoluteError()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward(x).float().squeeze(-1)  # (B,) standardized predictions
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+        x, y = batch
+        loss = F.mse_loss(self(x), (y - self.mean) / self.std)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+        x, y = batch
+        out = self(x)
+        self.log("val/loss", F.mse_loss(out, (y - self.mean) / self.std), sync_dist=True)
+        pred = out * self.std + self.mean
+        self.val_rmse.update(pred, y)
+        self.val_mae.update(pred, y)
+        self.log("val/rmse", self.val_rmse, prog_bar=True)
+        self.log("val/mae", self.val_mae)
+
+    def configure_optimizers(self):
+        return configure_optimizers(self, self.hparams.optim)
+
+
+def regression_module(cfg: DictConfig, meta: dict[str, Any]) -> Regressor:
+    if "target" not in meta or "classes" in meta:
+        raise ValueError(
+            f"data={meta['name']} is not a regression dataset (it has classes "
+            f"{meta.get('classes')}): use task=classifier, or set data.target_kind=regression"
+        )
+    return Regressor(
+        model=OmegaConf.to_container(cfg.model, resolve=True),
+        net=net_args(meta, num_classes=1),
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        target=meta["target"],
+        compile=cfg.train.compile,
+    )
+
+
+@torch.inference_mode()
+def predict_values(
+    net: torch.nn.Module, x: np.ndarray, target: Mapping[str, Any], batch_size: int = 4096
+) -> np.ndarray:
+    """The network's predictions for `x`, in the target's original units (float64, (N,))."""
+    net.eval()
+    inputs = torch.from_numpy(x)
+    out = torch.cat(
+        [net(inputs[i : i + batch_size]).float().squeeze(-1) for i in range(0, len(x), batch_size)]
+    )
+    return out.double().numpy() * target["std"] + target["mean"]
+
+
+def regression_metrics(pred: np.ndarray, actual: np.ndarray) -> dict[str, float]:
+    """RMSE, MAE and R² (1 - SSE / total sum of squares around the actual mean)."""
+    pred, actual = np.asarray(pred, np.float64), np.asarray(actual, np.float64)
+    err = pred - actual
+    total = np.sum((actual - actual.mean()) ** 2)
+    return {
+        "rmse": float(np.sqrt(np.mean(err**2))),
+        "mae": float(np.mean(np.abs(err))),
+        "r2": float(1.0 - np.sum(err**2) / total) if total > 0 else float("nan"),
+    }
+
+
+def linear_baseline(processed: Path) -> np.ndarray:
+    """Test-split predictions of an ordinary least-squares fit on the training split's
+    (already transformed) features: what the network has to beat."""
+    from sklearn.linear_model import LinearRegression
+
+    x, y = load_split(processed, "train")
+    x_test, _ = load_split(processed, "test")
+    fit = LinearRegression().fit(x.reshape(len(x), -1), y.astype(np.float64))
+    return fit.predict(x_test.reshape(len(x_test), -1))
+
+
+def write_comparison(path: Path, rows: Mapping[str, Mapping[str, float]]) -> None:
+    """One row per predictor (model, baselines), one column per metric."""
+    metrics = sorted({m for row in rows.values() for m in row})
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["predictor", *metrics])
+        writer.writerows([name, *(row.get(m, "") for m in metrics)] for name, row in rows.items())
+
+
+def plot_predicted_vs_actual(pred: np.ndarray, actual: np.ndarray, label: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 6))
+    ax.scatter(actual, pred, s=4, alpha=0.3)
+    low, high = min(actual.min(), pred.min()), max(actual.max(), pred.max())
+    ax.plot([low, high], [low, high], color="black", linewidth=1, label="perfect")
+    ax.set(xlabel=f"actual {label}", ylabel=f"predicted {label}", title="test split")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+class RegressorTask:
+    def datamodule(self, cfg: DictConfig, meta: dict[str, Any]) -> L.LightningDataModule:
+        return make_datamodule(cfg, meta)
+
+    def module(self, cfg: DictConfig, meta: dict[str, Any]) -> L.LightningModule:
+        if not hasattr(format_module(meta["format"]), "Adapter"):
+            raise ValueError(
+                f"data.format={meta['format']} has no served-input adapter for task=regressor: "
+                "for stock prices use task=forecaster"
+            )
+        return regression_module(cfg, meta)
+
+    def evaluate(
+        self, cfg: DictConfig, checkpoint: Path, meta: dict[str, Any], out: Path
+    ) -> dict[str, float]:
+        processed = Path(cfg.paths.processed)
+        net, hparams = load_checkpoint(checkpoint)
+        x, actual = load_split(processed, "test")
+        actual = actual.astype(np.float64)
+        pred = predict_values(net, x, hparams["target"])
+        rows = {
+            "model": regression_metrics(pred, actual),
+            "linear": regression_metrics(linear_baseline(processed), actual),
+        }
+        write_comparison(out / "comparison.csv", rows)
+        with open(out / "predictions.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["actual", "predicted"])
+            writer.writerows(zip(actual.tolist(), pred.tolist(), strict=True))
+        name = meta["target"]["name"]
+        plot_predicted_vs_actual(pred, actual, name, out / "predicted_vs_actual.png")
+        return {f"test/{k}": v for k, v in rows["model"].items()} | {
+            f"test/linear/{k}": v for k, v in rows["linear"].items()
+        }
+
+    def log_model(
+        self, cfg: DictConfig, checkpoint: Path, meta: dict[str, Any], run_id: str
+    ) -> str:
+        net, hparams = load_checkpoint(checkpoint)
+        fmt = format_module(meta["format"])
+        processed = Path(cfg.paths.processed)
+        spec = {
+            "model": hparams["model"],
+            "net": hparams["net"],
+            "target": dict(hparams["target"]),
+            "format": meta["format"],
+            "input": fmt.INPUT_DOC,
+        }
+        return log_pyfunc(
+            run_id,
+            RegressorModel,
+            spec,
+            net.state_dict(),
+            fmt.example_input(processed),
+            files=fmt.serving_files(processed),
+            extra_requirements=(f"scikit-learn=={sklearn.__version__}",),
+        )
+
+
+TASK = RegressorTask()
