@@ -110,6 +110,32 @@ def test_dvc_repro_end_to_end(repo_copy: tuple[Path, dict[str, str]]):
     assert client.get_registered_model(registered["model_name"]).aliases["challenger"] == 2
 
 
+def test_dvc_exp_run_a_named_experiment(repo_copy: tuple[Path, dict[str, str]]):
+    # Another dataset, model and task in one switch: the stages, metrics and registered model
+    # follow the experiment (a regression on table rows, not image classification).
+    root, env = repo_copy
+    quick = [
+        "experiment=housing_mlp",
+        "tune.n_trials=1",
+        "tune.max_epochs=1",
+        "trainer.max_epochs=1",
+        "trainer.enable_progress_bar=false",
+    ]
+    out = run([sys.executable, "-m", "dvc", "exp", "run", *(f"-S={o}" for o in quick)], root, env)
+    assert ran_stages(out) == ["collect", "preprocess", "tune", "train", "evaluate", "register"]
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    assert (params["data"]["name"], params["model"]["name"], params["task"]["name"]) == (
+        "california_housing",
+        "mlp",
+        "regressor",
+    )
+    metrics = json.loads((root / "reports/evaluate/metrics.json").read_text())
+    assert metrics["test/rmse"] > 0 and "test/r2" in metrics
+    registered = json.loads((root / "reports/register.json").read_text())
+    assert registered["model_name"] == "california_housing-regressor"
+    assert registered["metric"] == "test/rmse" and registered["champion_version"] == 1
+
+
 @pytest.mark.slow
 def test_dvc_exp_run_switches_model(repo_copy: tuple[Path, dict[str, str]]):
     root, env = repo_copy

@@ -93,7 +93,7 @@ def preprocess_images(data: Mapping, raw_dir: Path, out_dir: Path, seed: int) ->
             )
     else:
         x, y = _read_image_folder(data, manifest)
-        test_idx, rest = stratified_split(y, _count(data, "test_fraction", len(y)), rng)
+        test_idx, rest = stratified_split(y, fraction_count(data, "test_fraction", len(y)), rng)
         test, x, y = (x[test_idx], y[test_idx]), x[rest], y[rest]
 
     limit = data.get("limit")
@@ -104,7 +104,7 @@ def preprocess_images(data: Mapping, raw_dir: Path, out_dir: Path, seed: int) ->
         log.info(
             "data.limit=%d >= the %d training samples there are: using them all", limit, len(y)
         )
-    val_idx, train_idx = stratified_split(y, _count(data, "val_fraction", len(y)), rng)
+    val_idx, train_idx = stratified_split(y, fraction_count(data, "val_fraction", len(y)), rng)
     splits = {"train": (x[train_idx], y[train_idx]), "val": (x[val_idx], y[val_idx]), "test": test}
 
     sha256 = save_arrays(
@@ -253,7 +253,7 @@ def _validate(data: Mapping, fmt: str, num_classes: int) -> None:
             )
 
 
-def _count(data: Mapping, key: str, n: int) -> int:
+def fraction_count(data: Mapping, key: str, n: int) -> int:
     """round(data[key] * n), checked to leave at least one sample on each side."""
     k = round(data[key] * n)
     if not 0 < k < n:

@@ -25,6 +25,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from dlpipe.collect import DataError, write_atomic
 from dlpipe.preprocess import (
     checked_manifest,
+    fraction_count,
     load_array,
     raw_sha256,
     read_verified,
@@ -56,14 +57,16 @@ def preprocess(data: Mapping, raw_dir: Path, out_dir: Path, seed: int) -> dict:
     if data.get("test_file"):
         test = _read_table(data, raw_dir, manifest, data["test_file"])
     else:
-        taken, rest = stratified_split(labels, _count(data, "test_fraction", len(labels)), rng)
+        taken, rest = stratified_split(
+            labels, fraction_count(data, "test_fraction", len(labels)), rng
+        )
         test, texts, labels = (texts[taken], labels[taken]), texts[rest], labels[rest]
 
     limit = data.get("limit")
     if limit is not None and limit < len(labels):
         keep, _ = stratified_split(labels, limit, rng)
         texts, labels = texts[keep], labels[keep]
-    taken, rest = stratified_split(labels, _count(data, "val_fraction", len(labels)), rng)
+    taken, rest = stratified_split(labels, fraction_count(data, "val_fraction", len(labels)), rng)
     splits = {
         "train": (texts[rest], labels[rest]),
         "val": (texts[taken], labels[taken]),
@@ -309,14 +312,3 @@ def _validate(data: Mapping) -> None:
         raise ValueError(
             f"data.limit={limit!r} must be null (no cap) or an integer >= 2, e.g. data.limit=2000"
         )
-
-
-def _count(data: Mapping, key: str, n: int) -> int:
-    """round(data[key] * n), checked to leave at least one row on each side."""
-    k = round(data[key] * n)
-    if not 0 < k < n:
-        raise DataError(
-            f"data.{key}={data[key]} of {n} rows gives {k}, leaving one side empty: "
-            f"change data.{key} or use more data"
-        )
-    return k

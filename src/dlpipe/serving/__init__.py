@@ -54,6 +54,18 @@ def load_checkpoint(
     return net.eval(), hparams
 
 
+def load_artifacts(
+    context: mlflow.pyfunc.PythonModelContext, build=None
+) -> tuple[dict[str, Any], torch.nn.Module]:
+    """(spec, network in eval mode) of a pyfunc's `spec` and `weights` artifacts; `build(model,
+    net)` makes the network (default: build_net, the registry's)."""
+    with open(context.artifacts["spec"]) as f:
+        spec = json.load(f)
+    net = (build or build_net)(spec["model"], spec["net"])
+    net.load_state_dict(torch.load(context.artifacts["weights"], map_location="cpu"))
+    return spec, net.eval()
+
+
 def pip_requirements(*extra: str) -> list[str]:
     return [
         f"torch=={torch.__version__.split('+')[0]}",

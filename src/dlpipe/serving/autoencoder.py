@@ -7,7 +7,6 @@ torch, numpy and mlflow are installed (no Lightning, no scikit-learn).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from itertools import pairwise
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from dlpipe.models import activation_layer, norm_layer
+from dlpipe.serving import load_artifacts
 
 MODELS = ("autoencoder", "vae")
 MODES = ("encode", "decode")
@@ -147,11 +147,7 @@ class AutoencoderModel(mlflow.pyfunc.PythonModel):
     params `{"mode": "decode"}`: latent vectors (N, latent_dim) in; uint8 images out."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        with open(context.artifacts["spec"]) as f:
-            self.spec = json.load(f)
-        self.net = build_autoencoder(self.spec["model"], self.spec["net"])
-        self.net.load_state_dict(torch.load(context.artifacts["weights"], map_location="cpu"))
-        self.net.eval()
+        self.spec, self.net = load_artifacts(context, build_autoencoder)
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> np.ndarray:
         mode = (params or {}).get("mode", "encode")

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import mlflow.models
@@ -12,7 +11,7 @@ import pandas as pd
 import torch
 
 from dlpipe.preprocess import format_module
-from dlpipe.serving import build_net
+from dlpipe.serving import load_artifacts
 
 
 class ClassifierModel(mlflow.pyfunc.PythonModel):
@@ -21,11 +20,7 @@ class ClassifierModel(mlflow.pyfunc.PythonModel):
     `label` (the most probable class name) and one probability column per class."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        with open(context.artifacts["spec"]) as f:
-            self.spec = json.load(f)
-        self.net = build_net(self.spec["model"], self.spec["net"])
-        self.net.load_state_dict(torch.load(context.artifacts["weights"], map_location="cpu"))
-        self.net.eval()
+        self.spec, self.net = load_artifacts(context)
         self.adapter = format_module(self.spec["format"]).Adapter(self.spec, context.artifacts)
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:

@@ -3,7 +3,6 @@ ticker's predicted log return for the next trading day out."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import mlflow.models
@@ -13,7 +12,7 @@ import pandas as pd
 import torch
 
 from dlpipe.formats.stocks import latest_windows
-from dlpipe.serving import build_net
+from dlpipe.serving import load_artifacts
 
 
 class ForecasterModel(mlflow.pyfunc.PythonModel):
@@ -24,11 +23,7 @@ class ForecasterModel(mlflow.pyfunc.PythonModel):
     next trading day) and predicted_close (= last close * exp(predicted_log_return))."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        with open(context.artifacts["spec"]) as f:
-            self.spec = json.load(f)
-        self.net = build_net(self.spec["model"], self.spec["net"])
-        self.net.load_state_dict(torch.load(context.artifacts["weights"], map_location="cpu"))
-        self.net.eval()
+        self.spec, self.net = load_artifacts(context)
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
         x, last = latest_windows(model_input, self.spec["window"])

@@ -3,7 +3,6 @@ images out. The generator network lives here too, so the served model needs no L
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -13,6 +12,8 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+
+from dlpipe.serving import load_artifacts
 
 MAX_SAMPLES = 10_000  # per request row: bounds the memory one request can take on a server
 
@@ -83,11 +84,7 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
     images (sum of n, H, W), the rows' samples in order. The same (n, seed), the same images."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        with open(context.artifacts["spec"]) as f:
-            self.spec = json.load(f)
-        self.generator = build_generator(self.spec["model"], self.spec["net"])
-        self.generator.load_state_dict(torch.load(context.artifacts["weights"], map_location="cpu"))
-        self.generator.eval()
+        self.spec, self.generator = load_artifacts(context, build_generator)
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> np.ndarray:
         requests = pd.DataFrame(model_input)

@@ -4,7 +4,6 @@ and evaluation use, so the served text is produced exactly as the reports show i
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dlpipe.serving import build_net
+from dlpipe.serving import load_artifacts
 
 # Inference params and their defaults (the signature records them; callers override per request).
 GENERATION_PARAMS = {"max_new_tokens": 200, "temperature": 0.8, "top_k": 0, "seed": 0}
@@ -135,11 +134,7 @@ class LanguageModel(mlflow.pyfunc.PythonModel):
     `completion`, the max_new_tokens characters generated after it."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        with open(context.artifacts["spec"]) as f:
-            self.spec = json.load(f)
-        self.net = build_net(self.spec["model"], self.spec["net"])
-        self.net.load_state_dict(torch.load(context.artifacts["weights"], map_location="cpu"))
-        self.net.eval()
+        self.spec, self.net = load_artifacts(context)
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
         prompts = prompts_of(model_input)

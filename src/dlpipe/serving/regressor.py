@@ -4,7 +4,6 @@ units out."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import mlflow.models
@@ -13,7 +12,7 @@ import pandas as pd
 import torch
 
 from dlpipe.preprocess import format_module
-from dlpipe.serving import build_net
+from dlpipe.serving import load_artifacts
 
 
 class RegressorModel(mlflow.pyfunc.PythonModel):
@@ -22,11 +21,7 @@ class RegressorModel(mlflow.pyfunc.PythonModel):
     (the network predicts the standardized target; the training mean/std undo that)."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        with open(context.artifacts["spec"]) as f:
-            self.spec = json.load(f)
-        self.net = build_net(self.spec["model"], self.spec["net"])
-        self.net.load_state_dict(torch.load(context.artifacts["weights"], map_location="cpu"))
-        self.net.eval()
+        self.spec, self.net = load_artifacts(context)
         self.adapter = format_module(self.spec["format"]).Adapter(self.spec, context.artifacts)
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
