@@ -15,10 +15,11 @@ from omegaconf import DictConfig
 
 from dlpipe.datamodule import make_datamodule
 from dlpipe.formats.stocks import FEATURES
-from dlpipe.preprocess import format_module, load_array, load_split
-from dlpipe.serving import load_checkpoint, log_pyfunc
+from dlpipe.preprocess import load_array, load_split
+from dlpipe.serving import load_checkpoint
 from dlpipe.serving.forecaster import ForecasterModel
 from dlpipe.tasks.regressor import (
+    log_regression_model,
     predict_values,
     regression_metrics,
     regression_module,
@@ -117,25 +118,13 @@ class ForecasterTask:
     def log_model(
         self, cfg: DictConfig, checkpoint: Path, meta: dict[str, Any], run_id: str
     ) -> str:
-        net, hparams = load_checkpoint(checkpoint)
-        fmt = format_module(meta["format"])
-        processed = Path(cfg.paths.processed)
-        spec = {
-            "model": hparams["model"],
-            "net": hparams["net"],
-            "target": dict(hparams["target"]),
-            "window": meta["window"],
-            "features": meta["features"],
-            "format": meta["format"],
-            "input": fmt.INPUT_DOC,
-        }
-        return log_pyfunc(
+        return log_regression_model(
+            cfg,
+            checkpoint,
+            meta,
             run_id,
             ForecasterModel,
-            spec,
-            net.state_dict(),
-            fmt.example_input(processed),
-            files=fmt.serving_files(processed),
+            extra_spec={"window": meta["window"], "features": meta["features"]},
         )
 
 

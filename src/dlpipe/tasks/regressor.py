@@ -185,25 +185,47 @@ class RegressorTask:
     def log_model(
         self, cfg: DictConfig, checkpoint: Path, meta: dict[str, Any], run_id: str
     ) -> str:
-        net, hparams = load_checkpoint(checkpoint)
-        fmt = format_module(meta["format"])
-        processed = Path(cfg.paths.processed)
-        spec = {
-            "model": hparams["model"],
-            "net": hparams["net"],
-            "target": dict(hparams["target"]),
-            "format": meta["format"],
-            "input": fmt.INPUT_DOC,
-        }
-        return log_pyfunc(
+        return log_regression_model(
+            cfg,
+            checkpoint,
+            meta,
             run_id,
             RegressorModel,
-            spec,
-            net.state_dict(),
-            fmt.example_input(processed),
-            files=fmt.serving_files(processed),
             extra_requirements=(f"scikit-learn=={sklearn.__version__}",),
         )
+
+
+def log_regression_model(
+    cfg: DictConfig,
+    checkpoint: Path,
+    meta: dict[str, Any],
+    run_id: str,
+    python_model: type,
+    extra_spec: dict[str, Any] | None = None,
+    extra_requirements: tuple[str, ...] = (),
+) -> str:
+    """Log a regression checkpoint as `python_model`, with the target's training statistics
+    (the pyfunc answers in the target's units) and the data format's serving files."""
+    net, hparams = load_checkpoint(checkpoint)
+    fmt = format_module(meta["format"])
+    processed = Path(cfg.paths.processed)
+    spec = {
+        "model": hparams["model"],
+        "net": hparams["net"],
+        "target": dict(hparams["target"]),
+        "format": meta["format"],
+        "input": fmt.INPUT_DOC,
+        **(extra_spec or {}),
+    }
+    return log_pyfunc(
+        run_id,
+        python_model,
+        spec,
+        net.state_dict(),
+        fmt.example_input(processed),
+        files=fmt.serving_files(processed),
+        extra_requirements=extra_requirements,
+    )
 
 
 TASK = RegressorTask()
