@@ -24,6 +24,7 @@ from mlflow.models import ModelSignature, infer_signature
 
 import dlpipe
 from dlpipe.models import create_model
+from dlpipe.preprocess import format_module
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -64,6 +65,20 @@ def load_artifacts(
     net = (build or build_net)(spec["model"], spec["net"])
     net.load_state_dict(torch.load(context.artifacts["weights"], map_location="cpu"))
     return spec, net.eval()
+
+
+class AdaptedModel(mlflow.pyfunc.PythonModel):
+    """A pyfunc whose input is what its data format's `Adapter` documents (images, waveforms,
+    strings, table rows): `outputs(model_input)` is the network's float output for it.
+    Subclasses turn that into their answer (class probabilities, predictions in units)."""
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        self.spec, self.net = load_artifacts(context)
+        self.adapter = format_module(self.spec["format"]).Adapter(self.spec, context.artifacts)
+
+    def outputs(self, model_input: Any) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.net(self.adapter(model_input)).float()
 
 
 def pip_requirements(*extra: str) -> list[str]:

@@ -6,27 +6,18 @@ from __future__ import annotations
 from typing import Any
 
 import mlflow.models
-import mlflow.pyfunc
 import pandas as pd
-import torch
 
-from dlpipe.preprocess import format_module
-from dlpipe.serving import load_artifacts
+from dlpipe.serving import AdaptedModel
 
 
-class ClassifierModel(mlflow.pyfunc.PythonModel):
+class ClassifierModel(AdaptedModel):
     """Input: what the data format's `Adapter` documents (e.g. uint8 images (N, 28, 28) for
     Fashion-MNIST), as `{"inputs": [...]}` at /invocations. Output: one row per input with
     `label` (the most probable class name) and one probability column per class."""
 
-    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        self.spec, self.net = load_artifacts(context)
-        self.adapter = format_module(self.spec["format"]).Adapter(self.spec, context.artifacts)
-
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        x = self.adapter(model_input)
-        with torch.inference_mode():
-            probs = self.net(x).float().softmax(-1).numpy()
+        probs = self.outputs(model_input).softmax(-1).numpy()
         classes = self.spec["classes"]
         frame = pd.DataFrame(probs.astype("float64"), columns=classes)
         frame.insert(0, "label", [classes[i] for i in probs.argmax(1)])
