@@ -33,10 +33,11 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
 import dlpipe.train
-from dlpipe.collect import MIRROR_ENV, collect
+from dlpipe.collect import collect
+from dlpipe.data import MIRROR_ENV, load_meta, load_split
 from dlpipe.datamodule import TensorDataModule
 from dlpipe.models import create_model
-from dlpipe.preprocess import load_meta, load_split, preprocess
+from dlpipe.preprocess import preprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "bench" / ".data"  # git-ignored; never touches the pipeline's data/

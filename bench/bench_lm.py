@@ -32,9 +32,10 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from dlpipe.collect import MIRROR_ENV, collect
+from dlpipe.collect import collect
+from dlpipe.data import MIRROR_ENV, load_array, load_meta
 from dlpipe.models import create_model
-from dlpipe.preprocess import load_array, load_meta, preprocess
+from dlpipe.preprocess import preprocess
 from dlpipe.tasks.language_model import lm_net_args
 
 ROOT = Path(__file__).resolve().parents[1]

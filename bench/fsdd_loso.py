@@ -26,10 +26,11 @@ import mlflow
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from dlpipe.collect import MIRROR_ENV, collect
+from dlpipe.collect import collect
+from dlpipe.data import MIRROR_ENV, load_meta
 from dlpipe.evaluate import evaluate
 from dlpipe.formats.audio import RECORDINGS, parse_names
-from dlpipe.preprocess import load_meta, preprocess
+from dlpipe.preprocess import preprocess
 from dlpipe.register import register
 from dlpipe.train import to_dict, train
 from dlpipe.tune import tune

@@ -17,7 +17,8 @@ from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from dlpipe.collect import MIRROR_ENV, collect
+from dlpipe.collect import collect
+from dlpipe.data import MIRROR_ENV
 from dlpipe.preprocess import preprocess
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

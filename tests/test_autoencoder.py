@@ -16,7 +16,7 @@ from mlflow.models import validate_serving_input
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-from dlpipe.preprocess import load_meta, load_split
+from dlpipe.data import load_meta, load_split
 from dlpipe.tasks.autoencoder import (
     TASK,
     cluster_scores,

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 import dlpipe.collect
-from dlpipe.collect import MIRROR_ENV, ChecksumError, DataError, DownloadError, collect
+from dlpipe.collect import ChecksumError, DownloadError, collect
+from dlpipe.data import MIRROR_ENV, DataError
 
 LABELS = "train-labels-idx1-ubyte.gz"  # 29 kB: the cheapest real file to move around
 

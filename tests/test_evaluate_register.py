@@ -21,8 +21,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
 
+from dlpipe.data import load_meta, load_split
 from dlpipe.evaluate import evaluate
-from dlpipe.preprocess import load_meta, load_split
 from dlpipe.register import register
 from dlpipe.tasks.classifier import Classifier, predict_logits
 from dlpipe.train import train

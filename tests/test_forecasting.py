@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dlpipe.collect import MANIFEST, sha256_file
+from dlpipe.data import MANIFEST, load_array, load_meta, sha256_file
 from dlpipe.formats.stocks import daily_features, file_name, windows
-from dlpipe.preprocess import load_array, load_meta, preprocess
+from dlpipe.preprocess import preprocess
 from dlpipe.serving import load_checkpoint
 from dlpipe.tasks.forecaster import forecast_report
 from dlpipe.tasks.regressor import predict_values

@@ -14,8 +14,8 @@ import torch
 from scipy import linalg
 
 from dlpipe import fid
+from dlpipe.data import load_split
 from dlpipe.datamodule import TensorDataModule
-from dlpipe.preprocess import load_split
 from dlpipe.serving.gan import generate, to_uint8
 from dlpipe.tasks.gan import GAN, to_unit_range
 

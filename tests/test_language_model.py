@@ -14,8 +14,9 @@ import torch
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
+from dlpipe.data import load_array, load_meta
 from dlpipe.models import create_model
-from dlpipe.preprocess import load_array, load_meta, preprocess
+from dlpipe.preprocess import preprocess
 from dlpipe.serving import load_checkpoint
 from dlpipe.serving.language_model import complete, encode_prompt, generate
 from dlpipe.tasks.language_model import TokenStreamDataModule, spread_offsets, stream_loss

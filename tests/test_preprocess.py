@@ -8,12 +8,14 @@ import time
 import numpy as np
 import pytest
 
-from dlpipe.collect import MIRROR_ENV, DataError, collect
-from dlpipe.preprocess import load_meta, load_split, preprocess
+from dlpipe.collect import collect
+from dlpipe.data import MIRROR_ENV, DataError, load_meta, load_split
+from dlpipe.preprocess import preprocess
 
 META_KEYS = {
     "name",
     "format",
+    "input_kind",
     "classes",
     "input_shape",
     "num_classes",
@@ -35,6 +37,7 @@ def test_fmnist_shapes_dtypes_and_meta(fmnist_processed):
     assert set(meta) == META_KEYS
     assert meta["sizes"] == {"train": 1600, "val": 400, "test": 10000}
     assert meta["input_shape"] == [28, 28] and meta["num_classes"] == 10
+    assert meta["input_kind"] == "image"
     assert meta["classes"][0] == "T-shirt/top" and meta["seed"] == 0
     assert len(meta["raw_sha256"]) == 4
     for split, n in meta["sizes"].items():

@@ -13,9 +13,9 @@ import pytest
 import soundfile as sf
 from mlflow.exceptions import MlflowException
 
-from dlpipe.collect import DataError
+from dlpipe.data import DataError, load_array, load_meta
 from dlpipe.formats.audio import Adapter, log_mel, serving_files
-from dlpipe.preprocess import load_array, load_meta, preprocess
+from dlpipe.preprocess import preprocess
 
 SMALL = {"limit": 100}  # 100 training recordings (90 train / 10 val) + the 300 official test ones
 NAME = re.compile(r"(\d)_([a-z]+)_(\d+)\.wav")

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dlpipe.collect import collect
+from dlpipe.data import load_array, load_meta, load_split
 from dlpipe.formats.tabular import (
     TRANSFORM,
     Adapter,
@@ -19,7 +20,7 @@ from dlpipe.formats.tabular import (
     table_features,
     target_kind,
 )
-from dlpipe.preprocess import load_array, load_meta, load_split, preprocess
+from dlpipe.preprocess import preprocess
 from dlpipe.serving import load_checkpoint
 from dlpipe.tasks.regressor import predict_values
 

@@ -15,7 +15,8 @@ import torch
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from tokenizers import Tokenizer
 
-from dlpipe.collect import DataError, collect
+from dlpipe.collect import collect
+from dlpipe.data import DataError, load_array, load_meta, load_split
 from dlpipe.datamodule import (
     LengthBuckets,
     TensorDataModule,
@@ -25,7 +26,7 @@ from dlpipe.datamodule import (
 )
 from dlpipe.formats.text import PAD_ID, UNK_ID, Adapter, encode, serving_files
 from dlpipe.models import create_model
-from dlpipe.preprocess import load_array, load_meta, load_split, preprocess
+from dlpipe.preprocess import preprocess
 from dlpipe.tasks import net_args
 
 SST2_LIMIT = 2000

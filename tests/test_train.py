@@ -10,7 +10,7 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from dlpipe.preprocess import load_meta
+from dlpipe.data import load_meta
 from dlpipe.tasks.classifier import Classifier
 from dlpipe.train import NonFiniteLossError, to_dict, train
 

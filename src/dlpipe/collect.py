@@ -16,7 +16,6 @@ Downloaded datasets list their files in `data.files`, each either `name: <sha256
 
 import fnmatch
 import gzip
-import hashlib
 import json
 import logging
 import os
@@ -26,30 +25,36 @@ import tarfile
 import time
 import urllib.request
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from http.client import HTTPException, IncompleteRead
 from pathlib import Path
 from urllib.error import HTTPError, URLError
 
+from dlpipe.data import (
+    CHUNK_BYTES,
+    MANIFEST,
+    MIRROR_ENV,
+    DataError,
+    file_chunks,
+    image_root,
+    members_digest,
+    sha256_file,
+    write_atomic,
+)
+from dlpipe.formats import FORMATS
+
 log = logging.getLogger(__name__)
 
-MIRROR_ENV = "DLPIPE_DATA_MIRROR"
-MANIFEST = "manifest.json"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 ATTEMPTS = 4  # downloads tried per file before giving up
 BACKOFF_S = 1.0  # wait before retry k is BACKOFF_S * 2**(k-1): 1 s, 2 s, 4 s
 TIMEOUT_S = 30.0  # per socket operation, not per file
-CHUNK_BYTES = 1 << 20
 RETRY_HTTP_STATUS = {408, 429, 500, 502, 503, 504}
 DOWNLOAD_FIX = (
     "the server sent other bytes (a proxy, a captive portal or a changed upstream): try again or "
     f"set {MIRROR_ENV}; if upstream changed on purpose, update data.files in conf/data/"
 )
-
-
-class DataError(Exception):
-    """Raw data is missing, malformed or not what the config pins; the message says the fix."""
 
 
 class ChecksumError(DataError):
@@ -65,8 +70,6 @@ def collect(data: Mapping, raw_dir: Path) -> dict:
 
     `data.format=image_folder` hashes a folder of images in place; `data.path` (a user's own
     file, e.g. a CSV) is hashed and copied; otherwise `data.files` are downloaded."""
-    from dlpipe.preprocess import FORMATS  # here: preprocess imports this module
-
     fmt = data.get("format")
     if fmt not in FORMATS:
         raise ValueError(f"data.format={fmt!r} is not supported; use one of {list(FORMATS)}")
@@ -89,52 +92,6 @@ def collect(data: Mapping, raw_dir: Path) -> dict:
         raw_dir / MANIFEST,
     )
     return manifest
-
-
-def load_manifest(raw_dir: Path) -> dict:
-    path = Path(raw_dir) / MANIFEST
-    if not path.is_file():
-        raise DataError(f"{path} not found: run the collect stage first (dvc repro collect)")
-    return json.loads(path.read_text())
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    for chunk in _file_chunks(path):
-        digest.update(chunk)
-    return digest.hexdigest()
-
-
-def write_atomic(
-    path: Path, chunks: Iterable[bytes], verify: Callable[[str], None] | None = None
-) -> str:
-    """Write `chunks` to `path` via a temp file in the same folder and return their sha256.
-
-    `verify(sha256)` may raise to reject the content. On any error, KeyboardInterrupt included,
-    the temp file is removed, so `path` is either absent, untouched or complete.
-    """
-    # Not tempfile.mkstemp: its 0600 mode would survive the rename; "xb" honours the umask.
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
-    digest = hashlib.sha256()
-    try:
-        with open(tmp, "xb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-                digest.update(chunk)
-        if verify is not None:
-            verify(digest.hexdigest())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return digest.hexdigest()
-
-
-def members_digest(folder: Path) -> str:
-    """sha256 of a folder of extracted members: over sorted "name<TAB>sha256" lines, so it
-    is the same however the archive that held them was packed."""
-    lines = sorted(f"{p.name}\t{sha256_file(p)}\n" for p in Path(folder).iterdir() if p.is_file())
-    return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
 # --- downloaded files, each pinned by sha256 -------------------------------------------------
@@ -228,7 +185,7 @@ def _fetch(data: Mapping, name: str, spec: Mapping, dest: Path, mirror: Path | N
     elif source.suffix == ".gz" and not name.endswith(".gz"):
         write_atomic(dest, _gunzip_chunks(source), verify)
     else:
-        write_atomic(dest, _file_chunks(source), verify)
+        write_atomic(dest, file_chunks(source), verify)
     return str(source)
 
 
@@ -339,29 +296,7 @@ def _http_chunks(url: str) -> Iterator[bytes]:
             raise IncompleteRead(b"", missing)
 
 
-def _file_chunks(path: Path) -> Iterator[bytes]:
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK_BYTES):
-            yield chunk
-
-
 # --- format "image_folder": <path>/<class>/*.png|jpg, hashed in place, never copied ---------
-
-
-def image_root(data: Mapping) -> Path:
-    """The validated `data.path` of an image_folder dataset."""
-    path = data.get("path")
-    if path in (None, "", "???"):
-        raise ValueError(
-            "data.path is required for data=image_folder: pass data.path=/path/to/images"
-        )
-    root = Path(path)
-    if not root.is_dir():
-        raise DataError(
-            f"data.path={path!r} is not a folder: point it at a folder with one sub-folder "
-            "of PNG/JPEG images per class"
-        )
-    return root
 
 
 def _collect_image_folder(data: Mapping, raw_dir: Path) -> dict:
@@ -408,6 +343,6 @@ def _collect_local_file(data: Mapping, raw_dir: Path) -> dict:
     if not source.is_file():
         raise DataError(f"data.path={path!r} is not a file: point it at your data file")
     raw_dir.mkdir(parents=True, exist_ok=True)
-    digest = write_atomic(raw_dir / source.name, _file_chunks(source))
+    digest = write_atomic(raw_dir / source.name, file_chunks(source))
     log.info("copied %s (sha256 %s)", source, digest)
     return {"files": {source.name: digest}}

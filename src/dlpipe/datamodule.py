@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
-from dlpipe.preprocess import load_array, load_meta, load_split
+from dlpipe.data import load_array, load_meta, load_split
 
 
 class BatchIndices(Sampler[torch.Tensor]):

@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dlpipe.collect import write_atomic
-from dlpipe.preprocess import load_meta, load_split
+from dlpipe.data import load_meta, load_split, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +100,7 @@ def feature_net(
     info (config, test accuracy, feature dimension). Trained on the train split on first use,
     then read from `cache_dir/<key>.pt`."""
     meta = load_meta(processed_dir)
-    if meta.get("input_kind", "image") != "image":
+    if meta["input_kind"] != "image":
         raise ValueError(
             f"the Fréchet distance needs an image dataset; {meta['name']} holds "
             f"{meta['input_kind']} inputs: pick an image data config (e.g. data=fashion_mnist)"

@@ -13,9 +13,9 @@ import mlflow
 from mlflow import MlflowClient
 from omegaconf import DictConfig
 
-from dlpipe.preprocess import load_meta
+from dlpipe.data import load_meta, write_json
 from dlpipe.tasks import get_task
-from dlpipe.tracking import setup_mlflow, write_json
+from dlpipe.tracking import setup_mlflow
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ from lightning.pytorch.callbacks import (
 from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
-from dlpipe.preprocess import load_meta
+from dlpipe.data import load_meta, write_json
 from dlpipe.tasks import get_task
-from dlpipe.tracking import check_reachable, flatten, provenance_tags, tracking_uri, write_json
+from dlpipe.tracking import check_reachable, flatten, provenance_tags, tracking_uri
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,8 @@ from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
-from dlpipe.tracking import setup_mlflow, write_json
+from dlpipe.data import write_json
+from dlpipe.tracking import setup_mlflow
 from dlpipe.train import NonFiniteLossError, fit, to_dict, with_overrides
 
 log = logging.getLogger(__name__)

@@ -20,13 +20,18 @@ import pandas as pd
 import soundfile as sf
 import torch
 
-from dlpipe.collect import DataError, members_digest, write_atomic
-from dlpipe.preprocess import (
+from dlpipe.data import (
+    DataError,
+    check_fraction,
+    check_limit,
     checked_manifest,
+    fraction_count,
     load_array,
+    members_digest,
     raw_sha256,
     save_arrays,
     stratified_split,
+    write_atomic,
     write_meta,
 )
 
@@ -157,25 +162,13 @@ def split_indices(
             f"{sorted(set(speakers))} or null (official split)"
         )
     test, rest = np.flatnonzero(is_test), np.flatnonzero(~is_test)
-    limit = data.get("limit")
-    if limit is not None:
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 2 * len(CLASSES):
-            raise ValueError(
-                f"data.limit={limit!r} must be null (no cap) or an integer >= "
-                f"{2 * len(CLASSES)} (train and val need every digit), e.g. data.limit=300"
-            )
-        if limit < len(rest):
-            rest = rest[stratified_split(digits[rest], limit, rng)[0]]
-    fraction = data.get("val_fraction")
-    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction < 1:
-        raise ValueError(f"data.val_fraction={fraction!r} must be in (0, 1), e.g. 0.1")
-    n_val = round(fraction * len(rest))
-    if not 0 < n_val < len(rest):
-        raise ValueError(
-            f"data.val_fraction={fraction} of {len(rest)} recordings gives {n_val} for "
-            "validation, leaving a split empty: change data.val_fraction or data.limit"
-        )
-    val, train = stratified_split(digits[rest], n_val, rng)
+    limit = check_limit(data, 2 * len(CLASSES), "recordings", "train and val need every digit")
+    if limit is not None and limit < len(rest):
+        rest = rest[stratified_split(digits[rest], limit, rng)[0]]
+    check_fraction(data, "val_fraction")
+    val, train = stratified_split(
+        digits[rest], fraction_count(data, "val_fraction", len(rest)), rng
+    )
     return {"train": rest[train], "val": rest[val], "test": test}
 
 

@@ -18,8 +18,16 @@ from pathlib import Path
 
 import numpy as np
 
-from dlpipe.collect import DataError
-from dlpipe.preprocess import checked_manifest, raw_sha256, read_verified, save_arrays, write_meta
+from dlpipe.data import (
+    DataError,
+    check_fraction,
+    check_limit,
+    checked_manifest,
+    raw_sha256,
+    read_verified,
+    save_arrays,
+    write_meta,
+)
 
 log = logging.getLogger(__name__)
 
@@ -110,12 +118,8 @@ def preprocess(data: Mapping, raw_dir: Path, out_dir: Path, seed: int) -> dict:
 
 def _validate(data: Mapping) -> None:
     for key in ("val_fraction", "test_fraction"):
-        value = data.get(key)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 0.5:
-            raise ValueError(f"data.{key}={value!r} must be a fraction in (0, 0.5), e.g. 0.05")
+        check_fraction(data, key, below=0.5)
     block = data.get("block_size")
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise ValueError(f"data.block_size={block!r} must be a positive integer, e.g. 256")
-    limit = data.get("limit")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"data.limit={limit!r} must be null (all text) or a character count")
+    check_limit(data, 1, "characters")

@@ -1,17 +1,225 @@
-"""Images (formats idx and image_folder): preprocessing lives in dlpipe.preprocess; this module
-is what a served image model is given: raw uint8 images, exactly as the data stores them."""
+"""Images, formats idx (MNIST-style gzipped idx files, official test split) and image_folder
+(one sub-folder of PNG/JPEG files per class, test split carved out, seeded and stratified).
+
+Preprocessing keeps the raw uint8 layout (N, H, W) or (N, H, W, C) and splits stratified;
+meta.json carries the train-split per-channel mean/std. A served image model is given raw
+uint8 images, exactly as the data stores them (`Adapter`).
+"""
 
 from __future__ import annotations
 
+import gzip
+import io
+import logging
+import struct
+import time
+import zlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from dlpipe.preprocess import load_split, preprocess_images
+from dlpipe.data import (
+    DataError,
+    check_fraction,
+    check_limit,
+    checked_manifest,
+    fraction_count,
+    image_root,
+    load_split,
+    raw_sha256,
+    read_verified,
+    save_arrays,
+    stratified_split,
+    write_meta,
+)
 
-preprocess = preprocess_images
+log = logging.getLogger(__name__)
+
+IDX_MAGIC = {2051: 3, 2049: 1}  # images (N, H, W) / labels (N,): uint8, big-endian dims
+STATS_CHUNK = 1 << 22  # pixels per bincount call, to bound the int64 temporary
+
+
+def preprocess(data: Mapping, raw_dir: Path, out_dir: Path, seed: int) -> dict:
+    """Formats idx and image_folder: uint8 images, stratified splits, per-channel stats."""
+    t0 = time.perf_counter()
+    fmt = data["format"]
+    manifest = checked_manifest(data, raw_dir)
+    classes = list(data["classes"]) if fmt == "idx" else manifest["classes"]
+    _validate(data, fmt, len(classes))
+    rng = np.random.default_rng(seed)
+
+    if fmt == "idx":
+        (x, y), test = _read_idx(raw_dir, manifest)
+        if y.max() >= len(classes):
+            raise DataError(
+                f"labels go up to {y.max()} but data.classes lists {len(classes)} names"
+            )
+    else:
+        x, y = _read_image_folder(data, manifest)
+        test_idx, rest = stratified_split(y, fraction_count(data, "test_fraction", len(y)), rng)
+        test, x, y = (x[test_idx], y[test_idx]), x[rest], y[rest]
+
+    limit = data.get("limit")
+    if limit is not None and limit < len(y):
+        keep, _ = stratified_split(y, limit, rng)
+        x, y = x[keep], y[keep]
+    elif limit is not None:
+        log.info(
+            "data.limit=%d >= the %d training samples there are: using them all", limit, len(y)
+        )
+    val_idx, train_idx = stratified_split(y, fraction_count(data, "val_fraction", len(y)), rng)
+    splits = {"train": (x[train_idx], y[train_idx]), "val": (x[val_idx], y[val_idx]), "test": test}
+
+    sha256 = save_arrays(
+        out_dir,
+        {
+            f"{split}_{k}": a
+            for split, (xs, ys) in splits.items()
+            for k, a in (("x", xs), ("y", ys.astype(np.int64)))
+        },
+    )
+    x_train = splits["train"][0]
+    mean, std = channel_stats(x_train)
+    meta = {
+        "name": data["name"],
+        "format": fmt,
+        "input_kind": "image",
+        "classes": classes,
+        "input_shape": list(x_train.shape[1:]),
+        "num_classes": len(classes),
+        "mean": mean,
+        "std": std,
+        "sizes": {split: len(ys) for split, (_, ys) in splits.items()},
+        "seed": seed,
+        "raw_sha256": raw_sha256(raw_dir, manifest),
+        "sha256": sha256,
+    }
+    write_meta(out_dir, meta)
+    log.info(
+        "preprocessed %s: sizes %s, input_shape %s, mean %s, std %s in %.2fs -> %s",
+        data["name"],
+        meta["sizes"],
+        meta["input_shape"],
+        [round(m, 4) for m in mean],
+        [round(s, 4) for s in std],
+        time.perf_counter() - t0,
+        out_dir,
+    )
+    return meta
+
+
+def channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images (N, H, W[, C]), pixels scaled to 0..1."""
+    channels = x.shape[3] if x.ndim == 4 else 1
+    pixels = x.reshape(-1, channels)  # (N*H*W, C)
+    # Exact 256-bin histograms: integer counts, so no float accumulation error and no
+    # float64 copy of the whole split.
+    hist = np.zeros((channels, 256), np.int64)
+    for start in range(0, len(pixels), STATS_CHUNK):
+        block = pixels[start : start + STATS_CHUNK]
+        for c in range(channels):
+            hist[c] += np.bincount(block[:, c], minlength=256)
+    levels = np.arange(256) / 255.0
+    n = hist.sum(axis=1)
+    mean = hist @ levels / n
+    var = (hist * (levels[None, :] - mean[:, None]) ** 2).sum(axis=1) / n
+    return mean.tolist(), np.sqrt(var).tolist()
+
+
+def _validate(data: Mapping, fmt: str, num_classes: int) -> None:
+    check_fraction(data, "val_fraction")
+    if fmt == "image_folder":
+        check_fraction(data, "test_fraction")
+    check_limit(data, num_classes, "images", "every class needs a training image")
+    if fmt == "image_folder":
+        size = data.get("image_size")
+        if not (
+            isinstance(size, list | tuple)
+            and len(size) == 2
+            and all(isinstance(s, int) and s > 0 for s in size)
+        ):
+            raise ValueError(
+                f"data.image_size={size!r} must be [height, width], e.g. data.image_size=[28,28]"
+            )
+        if data.get("channels") not in (1, 3):
+            raise ValueError(
+                f"data.channels={data.get('channels')!r} must be 1 (grayscale) or 3 (RGB)"
+            )
+
+
+# --- format "idx" --------------------------------------------------------------------------
+
+
+def _read_idx(raw_dir: Path, manifest: Mapping) -> tuple[tuple, tuple]:
+    """((train_x, train_y), (test_x, test_y)) from the official MNIST-style gzipped idx files."""
+    out = []
+    for prefix in ("train", "t10k"):  # the official training and test splits
+        x = _read_idx_file(raw_dir, manifest, f"{prefix}-images-", 2051)
+        y = _read_idx_file(raw_dir, manifest, f"{prefix}-labels-", 2049)
+        if len(x) != len(y):
+            raise DataError(
+                f"{prefix}: {len(x)} images but {len(y)} labels: re-run the collect stage"
+            )
+        out.append((x, y))
+    return out[0], out[1]
+
+
+def _read_idx_file(raw_dir: Path, manifest: Mapping, prefix: str, magic: int) -> np.ndarray:
+    names = [name for name in manifest["files"] if name.startswith(prefix)]
+    if len(names) != 1:
+        raise DataError(f"data.files needs exactly one '{prefix}*' idx file, found {names}")
+    path = raw_dir / names[0]
+    blob = read_verified(path, manifest["files"][names[0]])
+    try:
+        buf = gzip.decompress(blob)
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(
+            f"{path} is not valid gzip ({e}): delete it and re-run the collect stage"
+        ) from e
+    ndim = IDX_MAGIC[magic]
+    header = 4 + 4 * ndim
+    if len(buf) < header or struct.unpack(">i", buf[:4])[0] != magic:
+        raise DataError(f"{path} is not an idx file with magic {magic}: check data.files")
+    dims = struct.unpack(f">{ndim}I", buf[4:header])
+    if len(buf) != header + int(np.prod(dims)):
+        raise DataError(f"{path} holds {len(buf) - header} bytes of data, its header says {dims}")
+    return np.frombuffer(buf, np.uint8, offset=header).reshape(dims)
+
+
+# --- format "image_folder" ------------------------------------------------------------------
+
+
+def _read_image_folder(data: Mapping, manifest: Mapping) -> tuple[np.ndarray, np.ndarray]:
+    """All images listed in the manifest, decoded and resized: (x uint8, y int64)."""
+    root = image_root(data)
+    height, width = data["image_size"]
+    channels = data["channels"]
+    mode = "L" if channels == 1 else "RGB"
+    label_of = {name: i for i, name in enumerate(manifest["classes"])}
+    names = sorted(manifest["files"])
+    x = np.empty((len(names), height, width) + ((channels,) if channels > 1 else ()), np.uint8)
+    y = np.empty(len(names), np.int64)
+    for i, name in enumerate(names):
+        path = root / name
+        blob = read_verified(path, manifest["files"][name])
+        try:
+            with Image.open(io.BytesIO(blob)) as img:
+                # exif_transpose: phone JPEGs store rotation as a tag, not in the pixels.
+                img = ImageOps.exif_transpose(img).convert(mode)
+                x[i] = np.asarray(img.resize((width, height), Image.Resampling.BILINEAR))
+        except (UnidentifiedImageError, OSError) as e:
+            raise DataError(
+                f"{path} can't be decoded ({e}): replace or delete it, then re-run collect"
+            ) from e
+        y[i] = label_of[name.split("/", 1)[0]]
+    return x, y
+
+
+# --- serving ---------------------------------------------------------------------------------
 
 INPUT_DOC = "uint8 array (N, *input_shape), e.g. (N, 28, 28) for Fashion-MNIST"
 

@@ -24,8 +24,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dlpipe.collect import MIRROR_ENV, DataError, write_atomic
-from dlpipe.preprocess import checked_manifest, raw_sha256, read_verified, save_arrays, write_meta
+from dlpipe.data import (
+    MIRROR_ENV,
+    DataError,
+    check_fraction,
+    checked_manifest,
+    raw_sha256,
+    read_verified,
+    save_arrays,
+    write_atomic,
+    write_meta,
+)
 
 log = logging.getLogger(__name__)
 
@@ -229,9 +238,7 @@ def _validate(data: Mapping, manifest: Mapping) -> tuple[list[str], int]:
         raise ValueError(f"data.window={window!r} must be a positive number of days, e.g. 20")
     if not (data.get("val_start") and data.get("test_start")):
         for key in ("val_fraction", "test_fraction"):
-            value = data.get(key)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 0.5:
-                raise ValueError(f"data.{key}={value!r} must be a fraction in (0, 0.5), e.g. 0.15")
+            check_fraction(data, key, below=0.5)
     return tickers, window
 
 

@@ -28,13 +28,16 @@ from sklearn.impute import SimpleImputer
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-from dlpipe.collect import DataError, write_atomic
-from dlpipe.preprocess import (
+from dlpipe.data import (
+    DataError,
+    check_fraction,
+    check_limit,
     checked_manifest,
     raw_sha256,
     read_verified,
     save_arrays,
     stratified_split,
+    write_atomic,
     write_meta,
 )
 
@@ -286,12 +289,8 @@ def _validate(data: Mapping) -> None:
             f"data.target_kind={data.get('target_kind')!r}: choose one of {list(TARGET_KINDS)}"
         )
     for key in ("val_fraction", "test_fraction"):
-        value = data.get(key)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
-            raise ValueError(f"data.{key}={value!r} must be a fraction in (0, 1), e.g. 0.1")
-    limit = data.get("limit")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 10):
-        raise ValueError(f"data.limit={limit!r} must be null (all rows) or an integer >= 10")
+        check_fraction(data, key)
+    check_limit(data, 10, "rows")
 
 
 # --- serving ---------------------------------------------------------------------------------

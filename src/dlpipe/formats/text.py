@@ -22,8 +22,10 @@ import pandas as pd
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
-from dlpipe.collect import DataError, write_atomic
-from dlpipe.preprocess import (
+from dlpipe.data import (
+    DataError,
+    check_fraction,
+    check_limit,
     checked_manifest,
     fraction_count,
     load_array,
@@ -31,6 +33,7 @@ from dlpipe.preprocess import (
     read_verified,
     save_arrays,
     stratified_split,
+    write_atomic,
     write_meta,
 )
 
@@ -292,11 +295,7 @@ def _label_ids(labels: np.ndarray, classes: list[str], split: str) -> np.ndarray
 def _validate(data: Mapping) -> None:
     fractions = ("val_fraction",) if data.get("test_file") else ("val_fraction", "test_fraction")
     for key in fractions:
-        value = data.get(key)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
-            raise ValueError(
-                f"data.{key}={value!r} must be a fraction in (0, 1), e.g. data.{key}=0.1"
-            )
+        check_fraction(data, key)
     for key, smallest, example in (
         ("vocab_size", 3, 20000),
         ("max_len", 1, 64),
@@ -307,8 +306,4 @@ def _validate(data: Mapping) -> None:
             raise ValueError(
                 f"data.{key}={value!r} must be an integer >= {smallest}, e.g. data.{key}={example}"
             )
-    limit = data.get("limit")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 2):
-        raise ValueError(
-            f"data.limit={limit!r} must be null (no cap) or an integer >= 2, e.g. data.limit=2000"
-        )
+    check_limit(data, 2, "texts")

@@ -23,8 +23,8 @@ import torch
 from mlflow.models import ModelSignature, infer_signature
 
 import dlpipe
+from dlpipe.formats import format_module
 from dlpipe.models import create_model
-from dlpipe.preprocess import format_module
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

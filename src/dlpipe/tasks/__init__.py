@@ -51,7 +51,7 @@ def net_args(meta: dict[str, Any], **extra: Any) -> dict[str, Any]:
     args = {
         "input_shape": list(meta["input_shape"]),
         "num_classes": meta.get("num_classes", 1),
-        "input_kind": meta.get("input_kind", "image"),
+        "input_kind": meta["input_kind"],
         "mean": meta.get("mean"),
         "std": meta.get("std"),
     }

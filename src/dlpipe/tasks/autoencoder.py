@@ -22,9 +22,9 @@ from mlflow.types import ParamSchema, ParamSpec
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from dlpipe.data import load_split
 from dlpipe.datamodule import make_datamodule
 from dlpipe.optim import configure_optimizers
-from dlpipe.preprocess import load_split
 from dlpipe.serving import log_pyfunc, read_checkpoint, submodule_state
 from dlpipe.serving.autoencoder import AutoencoderModel, ConvAutoencoder, build_autoencoder
 
@@ -213,7 +213,7 @@ class AutoencoderTask:
         return make_datamodule(cfg, meta)
 
     def module(self, cfg: DictConfig, meta: dict[str, Any]) -> L.LightningModule:
-        kind = meta.get("input_kind", "image")
+        kind = meta["input_kind"]
         if kind != "image":
             raise ValueError(
                 f"task=autoencoder needs image data, but data={meta['name']} holds {kind!r} "

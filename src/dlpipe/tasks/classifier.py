@@ -23,14 +23,14 @@ from torchmetrics.functional.classification import (
     multiclass_recall,
 )
 
+from dlpipe.data import load_split, write_json
 from dlpipe.datamodule import make_datamodule
+from dlpipe.formats import format_module
 from dlpipe.models import create_model
 from dlpipe.optim import configure_optimizers
-from dlpipe.preprocess import format_module, load_split
 from dlpipe.serving import load_checkpoint, log_pyfunc
 from dlpipe.serving.classifier import ClassifierModel
 from dlpipe.tasks import net_args
-from dlpipe.tracking import write_json
 
 
 class Classifier(L.LightningModule):

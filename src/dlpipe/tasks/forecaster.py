@@ -13,9 +13,9 @@ import lightning as L
 import numpy as np
 from omegaconf import DictConfig
 
+from dlpipe.data import load_array, load_split
 from dlpipe.datamodule import make_datamodule
 from dlpipe.formats.stocks import FEATURES
-from dlpipe.preprocess import load_array, load_split
 from dlpipe.serving import load_checkpoint
 from dlpipe.serving.forecaster import ForecasterModel
 from dlpipe.tasks.regressor import (

@@ -20,11 +20,10 @@ from PIL import Image
 from torch import nn
 
 from dlpipe import fid
+from dlpipe.data import load_split, write_json
 from dlpipe.datamodule import make_datamodule
-from dlpipe.preprocess import load_split
 from dlpipe.serving import log_pyfunc, read_checkpoint, submodule_state
 from dlpipe.serving.gan import GeneratorModel, build_generator, check_image_shape, generate
-from dlpipe.tracking import write_json
 
 GRID = 8  # the per-epoch sample grid is GRID x GRID images of the fixed validation noise
 

@@ -17,10 +17,11 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics import MeanAbsoluteError, MeanSquaredError
 
+from dlpipe.data import load_split
 from dlpipe.datamodule import make_datamodule
+from dlpipe.formats import format_module
 from dlpipe.models import create_model
 from dlpipe.optim import configure_optimizers
-from dlpipe.preprocess import format_module, load_split
 from dlpipe.serving import load_checkpoint, log_pyfunc
 from dlpipe.serving.regressor import RegressorModel
 from dlpipe.tasks import net_args
