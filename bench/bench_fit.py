@@ -151,7 +151,7 @@ def raw_loop(cfg: DictConfig, device: torch.device) -> dict:
             x, y = x_tr[idx], y_tr[idx]  # (B, H, W) uint8, (B,)
             with autocast():
                 logits = net(x)  # (B, num_classes)
-                loss = F.cross_entropy(logits, y, label_smoothing=cfg.train.label_smoothing)
+                loss = F.cross_entropy(logits, y, label_smoothing=cfg.task.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

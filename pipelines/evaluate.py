@@ -4,10 +4,12 @@ import hydra
 from omegaconf import DictConfig
 
 from dlpipe.evaluate import evaluate
+from dlpipe.smoke import sized
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    cfg = sized(cfg)  # smoke=true: the tiny sizes (conf/config.yaml)
     evaluate(cfg)
 
 

@@ -3,11 +3,13 @@
 import hydra
 from omegaconf import DictConfig
 
+from dlpipe.smoke import sized
 from dlpipe.train import train
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    cfg = sized(cfg)  # smoke=true: the tiny sizes (conf/config.yaml)
     train(cfg)
 
 

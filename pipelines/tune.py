@@ -3,11 +3,13 @@
 import hydra
 from omegaconf import DictConfig
 
+from dlpipe.smoke import sized
 from dlpipe.tune import tune
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    cfg = sized(cfg)  # smoke=true: the tiny sizes (conf/config.yaml)
     tune(cfg)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+import synthetic  # tests/synthetic.py
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from mlflow import MlflowClient
@@ -20,9 +21,14 @@ from PIL import Image
 from dlpipe.collect import collect
 from dlpipe.data import MIRROR_ENV
 from dlpipe.preprocess import preprocess
+from dlpipe.smoke import sized
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-MIRROR = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+# $DLPIPE_DATA_MIRROR if set (point it at a missing folder to see what runs without the
+# mirror), else shared/datasets next to the repo.
+MIRROR = Path(
+    os.environ.get(MIRROR_ENV) or Path(__file__).resolve().parents[2] / "shared" / "datasets"
+)
 
 
 def _data_config(name: str, **overrides) -> dict:
@@ -97,6 +103,36 @@ def fmnist_processed(fmnist_raw: Path, tmp_path_factory: pytest.TempPathFactory)
     return out
 
 
+@pytest.fixture(scope="session")
+def synthetic_mirror(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """(a mirror folder holding synthetic Fashion-MNIST-shaped idx files, their data config):
+    2400 train and 1000 test images of 10 learnable classes, seeded (see synthetic.py)."""
+    root = tmp_path_factory.mktemp("synthetic_mirror")
+    files = synthetic.write_idx_mirror(root)
+    return root, synthetic.idx_data_config(_data_config("fashion_mnist"), files)
+
+
+@pytest.fixture(scope="session")
+def synthetic_raw(synthetic_mirror, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic idx files, collected from their mirror by the real collect."""
+    mirror, data = synthetic_mirror
+    raw = tmp_path_factory.mktemp("synthetic_raw")
+    with _env(MIRROR_ENV, str(mirror)):
+        collect(data, raw)
+    return raw
+
+
+@pytest.fixture(scope="session")
+def synthetic_processed(
+    synthetic_mirror, synthetic_raw: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """Processed synthetic images, sized like fmnist_processed: 2000 training samples (1600
+    train / 400 val, stratified, seed 0) and the 1000-image test split."""
+    out = tmp_path_factory.mktemp("synthetic_processed")
+    preprocess({**synthetic_mirror[1], "limit": 2000, "val_fraction": 0.2}, synthetic_raw, out, 0)
+    return out
+
+
 @pytest.fixture
 def image_dir(tmp_path: Path) -> Path:
     """A tiny real image_folder: 3 classes x 10 images, mixed modes (L, RGB, RGBA),
@@ -141,17 +177,18 @@ def mlflow_db_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def cfg_factory(
-    fmnist_raw: Path, fmnist_processed: Path, mlflow_db_template: Path
+    synthetic_raw: Path, synthetic_processed: Path, mlflow_db_template: Path
 ) -> Callable[..., DictConfig]:
     """cfg_factory(root, *overrides, processed=None): make_cfg with its outputs under `root`,
     for fixtures wider than one test (build a module-scoped root with tmp_path_factory).
     `processed` points the config at another processed dataset (see the `dataset` fixture);
-    the default is the Fashion-MNIST slice, with the CNN shrunk to width 8."""
+    the default is the synthetic image slice (synthetic_processed), with the CNN shrunk to
+    width 8."""
 
     def compose_cfg(root: Path, *overrides: str, processed: Path | None = None) -> DictConfig:
         db = root / "mlflow.db"
         data_paths = (
-            (f"paths.raw={fmnist_raw}", f"paths.processed={fmnist_processed}")
+            (f"paths.raw={synthetic_raw}", f"paths.processed={synthetic_processed}")
             if processed is None
             else (f"paths.raw={processed.parent / 'raw'}", f"paths.processed={processed}")
         )
@@ -168,6 +205,7 @@ def cfg_factory(
             *overrides,
             *data_paths,
         )
+        cfg = sized(cfg)  # as every stage script does: smoke=true applies the tiny sizes
         # Pre-create the experiment so run artifacts land under root, not in ./mlruns of the cwd.
         if not db.exists():
             shutil.copy(mlflow_db_template, db)
@@ -186,7 +224,7 @@ def make_cfg(
     cfg_factory: Callable[..., DictConfig], tmp_path: Path
 ) -> Iterator[Callable[..., DictConfig]]:
     """make_cfg("model=mlp", "optim.lr=0.01"): the real conf/ composed by Hydra, shrunk to the
-    Fashion-MNIST slice (width 8, 1 epoch, no progress bar), with every output and the MLflow
+    synthetic image slice (width 8, 1 epoch, no progress bar), with every output and the MLflow
     store (artifacts too) in this test's tmp_path."""
     # The stages point the global MLflow client (and $MLFLOW_TRACKING_URI) at the tmp store;
     # restore it so no later test talks to a deleted database.

@@ -17,11 +17,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 from dlpipe.data import load_meta, load_split
+from dlpipe.models import load_checkpoint
 from dlpipe.tasks.autoencoder import (
     TASK,
     cluster_scores,
     kl_to_standard_normal,
-    load_autoencoder,
     reconstruct,
 )
 
@@ -170,7 +170,7 @@ def test_experiment_runs_all_stages_and_ships_an_encoder_decoder(
     assert codes.shape == (5, 6) and codes.dtype == np.float32
     decoded = model.predict(codes, params={"mode": "decode"})
     assert decoded.shape == (5, 28, 28) and decoded.dtype == np.uint8
-    net, _ = load_autoencoder(Path(cfg.paths.train) / run["best_checkpoint"])
+    net, _ = load_checkpoint(Path(cfg.paths.train) / run["best_checkpoint"])
     assert np.array_equal(decoded, reconstruct(net, x[:5]))  # the evaluated checkpoint
     # The JSON a server gets, parsed as `mlflow models serve` parses it.
     served = validate_serving_input(

@@ -23,8 +23,9 @@ from omegaconf import DictConfig
 
 from dlpipe.data import load_meta, load_split
 from dlpipe.evaluate import evaluate
+from dlpipe.models import predict
 from dlpipe.register import register
-from dlpipe.tasks.classifier import Classifier, predict_logits
+from dlpipe.tasks.classifier import Classifier
 from dlpipe.train import train
 
 # A setup that learns within an epoch on 1600 samples (see test_train.py).
@@ -153,7 +154,7 @@ def test_champion_pyfunc_predicts_from_raw_images(champion):
     # The shipped network is the evaluated checkpoint, preprocessing included.
     best = Path(cfg.paths.train) / _run_info(cfg)["best_checkpoint"]
     net = Classifier.load_from_checkpoint(best, map_location="cpu").net
-    assert np.allclose(probs, predict_logits(net, x).softmax(-1).numpy(), atol=1e-5)
+    assert np.allclose(probs, predict(net, x).softmax(-1).numpy(), atol=1e-5)
 
     # Wrong shapes: the model signature rejects them and says what it expects ...
     with pytest.raises(

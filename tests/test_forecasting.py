@@ -14,8 +14,8 @@ import pytest
 
 from dlpipe.data import MANIFEST, load_array, load_meta, sha256_file
 from dlpipe.formats.stocks import daily_features, file_name, windows
+from dlpipe.models import load_checkpoint
 from dlpipe.preprocess import preprocess
-from dlpipe.serving import load_checkpoint
 from dlpipe.tasks.forecaster import forecast_report
 from dlpipe.tasks.regressor import predict_values
 

@@ -16,7 +16,7 @@ from scipy import linalg
 from dlpipe import fid
 from dlpipe.data import load_split
 from dlpipe.datamodule import TensorDataModule
-from dlpipe.serving.gan import generate, to_uint8
+from dlpipe.models.generative import generate, to_uint8
 from dlpipe.tasks.gan import GAN, to_unit_range
 
 TINY_NET = {"channels": [4, 8], "features": 16, "epochs": 1, "batch_size": 128, "lr": 3e-3}

@@ -15,9 +15,8 @@ from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
 from dlpipe.data import load_array, load_meta
-from dlpipe.models import create_model
+from dlpipe.models import create_model, load_checkpoint
 from dlpipe.preprocess import preprocess
-from dlpipe.serving import load_checkpoint
 from dlpipe.serving.language_model import complete, encode_prompt, generate
 from dlpipe.tasks.language_model import TokenStreamDataModule, spread_offsets, stream_loss
 

@@ -1,5 +1,6 @@
-"""The model registry and conf/: every registered model builds, runs and learns; every conf option
-composes; params.yaml is what conf/ composes to; every search space names real config keys."""
+"""The model registry and conf/: every registered model builds (every predictor runs and learns);
+every conf option composes; params.yaml is what conf/ composes to; every search space names real
+config keys."""
 
 import inspect
 from pathlib import Path
@@ -13,15 +14,14 @@ import yaml
 from dvc.utils.hydra import compose_and_dump
 from omegaconf import OmegaConf
 
-from dlpipe.models import available_models, create_model
+from dlpipe.models import available_models, create_model, generative_models, register
 from dlpipe.train import to_dict, with_overrides
 from dlpipe.tune import suggest
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 MODELS = available_models()
-# Networks of the generative tasks (gan, autoencoder): built by their task, not create_model.
-GENERATIVE = {"dcgan", "autoencoder", "vae"}
-IMAGE_MODELS = [m for m in MODELS if m != "gpt"]  # gpt is a causal language model only
+PREDICTORS = [m for m in MODELS if m not in generative_models()]  # raw inputs -> logits
+IMAGE_MODELS = [m for m in PREDICTORS if m != "gpt"]  # gpt is a causal language model only
 SMALL = {  # per model: the config keys that shrink it to test size
     "mlp": {"width": 8},
     "cnn": {"width": 8},
@@ -30,6 +30,9 @@ SMALL = {  # per model: the config keys that shrink it to test size
     "gru": {"hidden_size": 8, "embed_dim": 8},
     "transformer": {"d_model": 8, "nhead": 2, "dim_feedforward": 16},
     "gpt": {"n_embd": 12, "n_head": 2, "n_layer": 1},
+    "dcgan": {"latent_dim": 8, "g_width": 8, "d_width": 8},
+    "autoencoder": {"width": 8, "latent_dim": 6},
+    "vae": {"width": 8, "latent_dim": 6},
 }
 INPUT_SHAPES = [
     (28, 28),
@@ -42,6 +45,8 @@ def _build(model: dict, input_shape: tuple[int, ...]) -> torch.nn.Module:
     """The network a `model:` config section describes, for `input_shape` inputs."""
     kwargs = dict(model)
     channels = input_shape[2] if len(input_shape) == 3 else 1
+    if kwargs["name"] in generative_models():  # built from the image shape alone
+        return create_model(kwargs.pop("name"), input_shape=input_shape, **kwargs)
     if kwargs["name"] == "gpt":  # tokens in, next-token logits out
         return create_model(
             kwargs.pop("name"),
@@ -107,6 +112,25 @@ def test_model_learns_a_fixed_batch(name, input_shape):
     assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("input_shape", INPUT_SHAPES, ids=str)
+@pytest.mark.parametrize("name", generative_models())
+def test_generative_model_builds_and_refuses_to_predict(name, input_shape):
+    assert sum(p.numel() for p in _build(_defaults(name), input_shape).parameters()) > 0
+    kwargs = _defaults(name)
+    with pytest.raises(ValueError, match=f"model={name} is a generative network"):
+        create_model(kwargs.pop("name"), input_shape=input_shape, num_classes=10, **kwargs)
+
+
+def test_register_refuses_a_duplicate_name():
+    with pytest.raises(ValueError, match="model 'cnn' is already registered"):
+
+        @register("cnn")
+        def another_cnn(**kwargs):
+            raise AssertionError("never built")
+
+    assert "cnn" in available_models()  # the first builder stays
+
+
 def test_unknown_model_lists_the_valid_names():
     with pytest.raises(ValueError, match="unknown model 'resnet9000'") as err:
         create_model("resnet9000", input_shape=(28, 28), num_classes=10, mean=[0.5], std=[0.2])
@@ -140,8 +164,7 @@ def test_every_conf_option_composes(compose_conf, group, option):
         assert resolved["search"] == OmegaConf.to_container(
             OmegaConf.load(CONF / "search" / f"{option}.yaml")
         )
-        if option not in GENERATIVE:
-            _build(resolved["model"], (28, 28))
+        _build(resolved["model"], (28, 28))
     if group == "trainer":
         # Passed as they are to lightning.Trainer (see dlpipe.train.fit).
         assert set(resolved["trainer"]) <= set(inspect.signature(L.Trainer).parameters)
@@ -154,8 +177,7 @@ def test_data_image_folder_requires_a_path(compose_conf):
 
 
 def test_every_model_option_is_registered_and_vice_versa():
-    registry_options = [m for m in _options("model") if m not in GENERATIVE]
-    assert registry_options == MODELS
+    assert _options("model") == MODELS
     assert _options("search") == _options("model")
     assert set(SMALL) == set(MODELS)
 
@@ -172,10 +194,25 @@ def test_params_yaml_is_the_default_composition(tmp_path):
     )
 
 
+def _trained_by(model: str) -> str:
+    """The task of the first experiment that trains `model` (a search space may tune that task's
+    keys, e.g. task.generator_optim.lr), else the default task."""
+    for path in sorted((CONF / "experiment").glob("*.yaml")):
+        defaults = OmegaConf.to_container(OmegaConf.load(path)).get("defaults", [])
+        chosen = {
+            key.removeprefix("override /"): value
+            for entry in defaults
+            if isinstance(entry, dict)
+            for key, value in entry.items()
+        }
+        if chosen.get("model") == model:
+            return chosen.get("task", "classifier")
+    return "classifier"
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_search_space_names_real_config_keys(compose_conf, name):
-    # (generative models' spaces are checked by their task's tests)
-    cfg = compose_conf(f"model={name}")
+    cfg = compose_conf(f"model={name}", f"task={_trained_by(name)}")
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(3):
         params = suggest(study.ask(), to_dict(cfg.search))

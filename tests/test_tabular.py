@@ -20,8 +20,8 @@ from dlpipe.formats.tabular import (
     table_features,
     target_kind,
 )
+from dlpipe.models import load_checkpoint
 from dlpipe.preprocess import preprocess
-from dlpipe.serving import load_checkpoint
 from dlpipe.tasks.regressor import predict_values
 
 NUMERIC = [

@@ -30,7 +30,10 @@ def test_train_writes_outputs_and_a_complete_mlflow_run(make_cfg):
 
     out = Path(cfg.paths.train)
     assert json.loads((out / "run.json").read_text()) == info
-    assert {p.name for p in (out / "checkpoints").iterdir()} == {"best.ckpt", "last.ckpt"}
+    checkpoints = {p.name for p in (out / "checkpoints").iterdir()}
+    assert checkpoints == {"best.ckpt", "last.ckpt", "mlflow_run.json"}
+    record = json.loads((out / "checkpoints" / "mlflow_run.json").read_text())
+    assert record["run_id"] == info["run_id"]
     assert (out / info["best_checkpoint"]).samefile(out / "checkpoints" / "best.ckpt")
     assert info["epochs"] == 2 and 0.3 < info["best_score"] <= 1
     history = (Path(cfg.paths.reports) / "train" / "history.csv").read_text().splitlines()
@@ -104,19 +107,16 @@ def test_resume_continues_from_last_checkpoint(make_cfg):
     assert (saved["epoch"], saved["global_step"]) == (0, STEPS_PER_EPOCH)
 
     resumed = train(make_cfg(*LEARNS, "train.resume=true", "trainer.max_epochs=2"))
-    assert resumed["run_id"] != first["run_id"] and resumed["epochs"] == 2
+    # One training, one record: the resumed epoch continues the same MLflow run.
+    assert resumed["run_id"] == first["run_id"] and resumed["epochs"] == 2
     client = MlflowClient(make_cfg().mlflow.tracking_uri)
     # Only the second epoch ran, counting steps on from where the checkpoint stopped.
-    assert [s for s, _ in _history(client, first["run_id"], "train/loss")] == [STEPS_PER_EPOCH - 1]
-    assert [s for s, _ in _history(client, resumed["run_id"], "train/loss")] == [
-        2 * STEPS_PER_EPOCH - 1
-    ]
+    losses = _history(client, resumed["run_id"], "train/loss")
+    assert [s for s, _ in losses] == [STEPS_PER_EPOCH - 1, 2 * STEPS_PER_EPOCH - 1]
     # The weights came from the checkpoint: a fresh start with this seed and data order would
     # repeat the first epoch's loss exactly; the resumed epoch is already past it.
-    (_, first_loss), (_, resumed_loss) = (
-        _history(client, run["run_id"], "train/loss")[0] for run in (first, resumed)
-    )
-    assert resumed_loss < 0.95 * first_loss
+    assert losses[1][1] < 0.95 * losses[0][1]
+    assert client.get_run(resumed["run_id"]).info.status == "FINISHED"
 
 
 def test_resume_without_a_checkpoint_says_so(make_cfg):

@@ -35,6 +35,7 @@ from dlpipe.data import (
     MANIFEST,
     MIRROR_ENV,
     DataError,
+    check_unique_members,
     file_chunks,
     image_root,
     members_digest,
@@ -46,6 +47,7 @@ from dlpipe.formats import FORMATS
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+MIN_CLASS_IMAGES = 5  # fewer and a class may miss a split (warned; preprocess checks the splits)
 
 ATTEMPTS = 4  # downloads tried per file before giving up
 BACKOFF_S = 1.0  # wait before retry k is BACKOFF_S * 2**(k-1): 1 s, 2 s, 4 s
@@ -195,11 +197,15 @@ def _extract(archive: Path, spec: Mapping, dest: Path, verify: Callable[[str], N
     try:
         if zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as z:
-                members = {m.filename: m for m in z.infolist() if not m.is_dir()}
+                files = [m for m in z.infolist() if not m.is_dir()]
+                check_unique_members((m.filename for m in files), archive)
+                members = {m.filename: m for m in files}
                 _extract_from(members, lambda m: z.open(m), spec, dest, verify, archive)
         else:
             with tarfile.open(archive) as t:
-                members = {m.name: m for m in t.getmembers() if m.isfile()}
+                files = [m for m in t.getmembers() if m.isfile()]
+                check_unique_members((m.name for m in files), archive)
+                members = {m.name: m for m in files}
                 _extract_from(members, t.extractfile, spec, dest, verify, archive)
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as e:
         if isinstance(e, DataError):
@@ -219,6 +225,7 @@ def _extract_from(members, open_member, spec, dest: Path, verify, archive: Path)
     matched = sorted(n for n in members if fnmatch.fnmatch(n, spec["members"]))
     if not matched:
         raise DataError(f"{archive} has no members matching {spec['members']!r}")
+    check_unique_members((Path(n).name for n in matched), archive)  # stored by base name
     tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
     try:
         tmp.mkdir()
@@ -308,11 +315,19 @@ def _collect_image_folder(data: Mapping, raw_dir: Path) -> dict:
             "least 2: put each class's images in its own sub-folder, e.g. cats/*.png dogs/*.png"
         )
     hashes, ignored = {}, 0
+    real_root = root.resolve()
     for class_dir in class_dirs:
         found = 0
         for path in sorted(class_dir.rglob("*")):
             if not path.is_file() or path.name.startswith("."):
                 continue
+            if not path.resolve().is_relative_to(real_root):
+                # A link out of data.path would read (and hash, and train on) files the user
+                # never put there, and DVC would not see them change.
+                raise DataError(
+                    f"{path} links to {path.resolve()}, outside data.path={str(root)!r}: copy "
+                    "the file into the folder, or point data.path at the folder that holds it"
+                )
             if path.suffix.lower() not in IMAGE_SUFFIXES:
                 ignored += 1
                 continue
@@ -322,6 +337,14 @@ def _collect_image_folder(data: Mapping, raw_dir: Path) -> dict:
             raise DataError(
                 f"class folder {class_dir} holds no {'/'.join(IMAGE_SUFFIXES)} images: "
                 "add images or remove the folder"
+            )
+        if found < MIN_CLASS_IMAGES:
+            log.warning(
+                "class %r has %d image(s): too few to reach the training, validation and test "
+                "splits; add images (at least %d) or expect that class to be left out of some",
+                class_dir.name,
+                found,
+                MIN_CLASS_IMAGES,
             )
     if ignored:
         log.warning("ignored %d files under %s that are not %s", ignored, root, IMAGE_SUFFIXES)

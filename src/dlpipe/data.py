@@ -14,13 +14,16 @@ Nothing here imports a stage; the stages, the formats, the tasks and the pyfuncs
 import hashlib
 import io
 import json
+import logging
 import os
 import secrets
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 MIRROR_ENV = "DLPIPE_DATA_MIRROR"  # a local folder laid out like shared/datasets/
 MANIFEST = "manifest.json"
@@ -238,3 +241,68 @@ def check_limit(data: Mapping, smallest: int, unit: str = "samples", why: str = 
             f"{f' ({why})' if why else ''}, e.g. data.limit={max(smallest, 2000)}"
         )
     return limit
+
+
+def source_of(data: Mapping, path: Path) -> str:
+    """How to name a raw file to its owner: their own `data.path`, not our copy under data/raw."""
+    own = data.get("path")
+    return str(own) if own not in (None, "", "???") else str(path)
+
+
+def decode_text(blob: bytes, encoding: str, source: str) -> str:
+    """`blob` decoded as `encoding` (data.encoding). DataError naming the line, the byte and
+    the fix for bytes of another encoding; ValueError for an encoding Python does not know."""
+    try:
+        return blob.decode(encoding)
+    except LookupError as e:
+        raise ValueError(
+            f"data.encoding={encoding!r} is not an encoding Python knows: use e.g. utf-8, "
+            "latin-1, cp1252 or utf-16"
+        ) from e
+    except UnicodeDecodeError as e:
+        line = blob.count(b"\n", 0, e.start) + 1
+        raise DataError(
+            f"{source}: line {line} holds byte {blob[e.start : e.start + 1]!r}, which is not "
+            f"valid {encoding}: set data.encoding to the file's encoding (e.g. "
+            "data.encoding=latin-1 or cp1252 for a Western European spreadsheet export), or "
+            "save the file as UTF-8"
+        ) from e
+
+
+def check_unique_members(names: Iterable[str], archive: Path | str) -> None:
+    """DataError naming the members of a zip/tar `archive` that share a name (which one is
+    meant would be a guess): the fix is to repack it with unique names."""
+    seen: dict[str, int] = {}
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+    twice = sorted(n for n, count in seen.items() if count > 1)
+    if twice:
+        raise DataError(
+            f"{archive} holds more than one member named {twice[:5]}: which one is meant is "
+            "ambiguous; repack the archive with unique member names"
+        )
+
+
+def check_class_coverage(
+    labels: Mapping[str, np.ndarray], classes: Sequence[str], fix: str
+) -> None:
+    """Every class must have training samples (DataError: a model can't learn it), and should
+    reach validation and test (a warning naming the classes: their metrics there are left out
+    of macro averages). `labels` maps split -> int class ids; `fix` says how to get more."""
+    for split, ids in labels.items():
+        absent = [c for i, c in enumerate(classes) if not (ids == i).any()]
+        if not absent:
+            continue
+        if split == "train":
+            raise DataError(
+                f"class(es) {absent} have no samples in the training split, so a model can't "
+                f"learn them: {fix}"
+            )
+        log.warning(
+            "class(es) %s have no samples in the %s split: their %s metrics are undefined and "
+            "left out of macro averages (%s)",
+            absent,
+            split,
+            split,
+            fix,
+        )

@@ -16,6 +16,7 @@ from mlflow.entities import Metric
 from omegaconf import DictConfig
 
 from dlpipe.data import load_meta, write_json
+from dlpipe.schema import check_config
 from dlpipe.tasks import get_task
 from dlpipe.tracking import setup_mlflow
 
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
+    check_config(cfg)
     run = json.loads((Path(cfg.paths.train) / "run.json").read_text())
     meta = load_meta(cfg.paths.processed)
     task = get_task(cfg.task.name)

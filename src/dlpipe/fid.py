@@ -15,53 +15,20 @@ import json
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from dlpipe.data import load_meta, load_split, write_atomic
+from dlpipe.models import FeatureNet
 
 log = logging.getLogger(__name__)
 
 Gaussian = tuple[np.ndarray, np.ndarray]  # (mean (D,), covariance (D, D)), float64
-
-
-class FeatureNet(nn.Module):
-    """uint8 images (B, H, W[, C]) -> logits; `features` is the penultimate layer (B, features).
-
-    Two stages of conv3x3 -> ReLU -> 2x2 max-pool, then a ReLU dense layer (the features) and a
-    linear classifier head."""
-
-    def __init__(
-        self,
-        input_shape: Sequence[int],
-        num_classes: int,
-        channels: Sequence[int],
-        features: int,
-    ):
-        super().__init__()
-        height, width, *rest = input_shape
-        layers: list[nn.Module] = []
-        c_in = rest[0] if rest else 1
-        for c_out in channels:
-            layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
-            c_in, height, width = c_out, height // 2, width // 2
-        self.body = nn.Sequential(
-            *layers, nn.Flatten(), nn.Linear(c_in * height * width, features), nn.ReLU()
-        )
-        self.head = nn.Linear(features, num_classes)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # (B, C, H, W)
-        return self.body(x.float() / 255.0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
 
 
 def train_feature_net(

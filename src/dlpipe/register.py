@@ -14,6 +14,7 @@ from mlflow import MlflowClient
 from omegaconf import DictConfig
 
 from dlpipe.data import load_meta, write_json
+from dlpipe.schema import check_config
 from dlpipe.tasks import get_task
 from dlpipe.tracking import setup_mlflow
 
@@ -28,6 +29,7 @@ def champion_gate(challenger: float, champion: float | None, maximize: bool = Tr
 
 
 def register(cfg: DictConfig) -> dict[str, Any]:
+    check_config(cfg)
     run = json.loads((Path(cfg.paths.train) / "run.json").read_text())
     metrics = json.loads((Path(cfg.paths.reports) / "evaluate" / "metrics.json").read_text())
     metric = cfg.register.metric

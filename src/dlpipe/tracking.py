@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import os
+import sqlite3
 import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -14,6 +17,10 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 class TrackingServerError(RuntimeError):
     pass
+
+
+class StoreMovedError(RuntimeError):
+    """A SQLite store's artifacts are recorded under another project folder than its own."""
 
 
 def tracking_uri(configured: str | None) -> str:
@@ -45,6 +52,7 @@ def setup_mlflow(configured_uri: str | None, experiment: str) -> str:
 
     uri = tracking_uri(configured_uri)
     check_reachable(uri)
+    check_store_location(uri)
     mlflow.set_tracking_uri(uri)
     return mlflow.set_experiment(experiment).experiment_id
 
@@ -86,3 +94,94 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+# --- a project folder that moves ----------------------------------------------------------
+# A SQLite store records absolute artifact paths (<project>/mlruns/...). Copied or moved with
+# the project, it would read, and write new runs into, the old folder's artifacts, or fail
+# with "No such artifact" once that is gone. MLflow has no relocation tool, so the embedded
+# store is checked at each stage's entry and `python -m dlpipe.tracking relocate` rewrites it.
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` tracking URI (None for other stores)."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def recorded_roots(db: Path) -> set[Path]:
+    """The project folders whose `mlruns/` the store's experiments keep artifacts in."""
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+        rows = con.execute("SELECT artifact_location FROM experiments").fetchall()
+    roots = set()
+    for (location,) in rows:
+        path = Path((location or "").removeprefix("file://"))
+        if path.is_absolute() and path.parent.name == "mlruns":
+            roots.add(path.parent.parent)
+    return roots
+
+
+def check_store_location(uri: str) -> None:
+    """StoreMovedError when the embedded store (a SQLite file given relative to the project,
+    like the default sqlite:///mlflow.db) keeps its artifacts under another folder than the one
+    holding it: the project was copied or moved. Names both folders and the fix. A store at an
+    absolute path is the user's own layout and is left alone."""
+    db = sqlite_path(uri)
+    if db is None or db.is_absolute() or not db.is_file():
+        return
+    here = db.resolve().parent
+    elsewhere = sorted(str(r) for r in recorded_roots(db) if r.resolve() != here)
+    if elsewhere:
+        state = "still exists" if Path(elsewhere[0]).exists() else "no longer exists"
+        raise StoreMovedError(
+            f"the MLflow store {db} keeps its artifacts under {elsewhere[0]}/mlruns, another "
+            f"project folder (which {state}); this copy would read and write that folder's "
+            f"runs. Point the store at this folder, {here}, with `python -m dlpipe.tracking "
+            f"relocate --db {db}` (copy {elsewhere[0]}/mlruns here first if it is not)"
+        )
+
+
+def relocate_store(db: Path, old_root: Path, new_root: Path) -> int:
+    """Rewrite every `<old_root>/mlruns/...` path stored in the SQLite store `db` to
+    `<new_root>/mlruns/...` (experiments, runs, logged models, model versions); returns how
+    many values changed. Every text column is rewritten, so it holds across MLflow schemas."""
+    old, new = f"{old_root}/mlruns/", f"{new_root}/mlruns/"
+    changed = 0
+    with sqlite3.connect(db) as con:
+        tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        for table in tables:
+            for column in con.execute(f'PRAGMA table_info("{table}")').fetchall():
+                name, kind = column[1], (column[2] or "").upper()
+                if not kind.startswith(("VARCHAR", "TEXT")):
+                    continue
+                for prefix in ("", "file://"):
+                    changed += con.execute(
+                        f'UPDATE "{table}" SET "{name}" = ? || substr("{name}", ?) '
+                        f'WHERE substr("{name}", 1, ?) = ?',
+                        (prefix + new, len(prefix + old) + 1, len(prefix + old), prefix + old),
+                    ).rowcount
+                    changed += con.execute(
+                        f'UPDATE "{table}" SET "{name}" = ? WHERE "{name}" = ?',
+                        (prefix + new.rstrip("/"), prefix + old.rstrip("/")),
+                    ).rowcount
+    return changed
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m dlpipe.tracking",
+        description="relocate: point a moved project's SQLite MLflow store at its new folder",
+    )
+    parser.add_argument("command", choices=["relocate"])
+    parser.add_argument("--db", type=Path, default=Path("mlflow.db"), help="the store's file")
+    args = parser.parse_args(argv)
+    here = args.db.resolve().parent
+    total = 0
+    for old in recorded_roots(args.db):
+        if old.resolve() != here:
+            total += relocate_store(args.db, old, here)
+            print(f"{args.db}: {old}/mlruns -> {here}/mlruns")
+    print(f"{total} stored paths rewritten")
+
+
+if __name__ == "__main__":
+    main()

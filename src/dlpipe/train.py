@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import os
@@ -25,41 +26,84 @@ from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
 from dlpipe.data import load_meta, write_json
-from dlpipe.tasks import get_task
-from dlpipe.tracking import check_reachable, flatten, provenance_tags, tracking_uri
+from dlpipe.schema import check_config
+from dlpipe.tasks import divergence_hint, get_task
+from dlpipe.tracking import (
+    check_reachable,
+    check_store_location,
+    flatten,
+    provenance_tags,
+    tracking_uri,
+)
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class DivergedError(RuntimeError):
+    """Training blew up (a non-finite loss, or one far above where it started): the run is
+    stopped before it writes anything the next stages would take for a trained model."""
 
 
-class FailOnNonFinite(Callback):
-    """Stops a diverged run with a message that says what to change (checked once per epoch,
-    from the already-aggregated epoch loss, so the training loop itself never syncs)."""
+NonFiniteLossError = DivergedError  # the name tests and older code use
 
-    def __init__(self, lr: float):
-        self.lr = lr
+
+class FailOnDivergence(Callback):
+    """Stops a diverged run with a message that says what to change. Checked once per epoch
+    from the already-aggregated epoch losses, so the training loop itself never syncs; the one
+    reference, the first batch's loss (what the untrained model scores), is read once.
+
+    Diverged means non-finite, or train/val loss above `factor` times that first loss
+    (train.divergence_factor): a run whose loss went 2.3 -> 1.8e6 is not learning, NaN or not.
+    """
+
+    def __init__(self, hint: str, factor: float | None):
+        self.hint = hint  # what to change, from the task (`tasks.divergence_hint`)
+        self.factor = factor
+        self.reference: float | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.reference is None and isinstance(outputs, Mapping) and "loss" in outputs:
+            self.reference = abs(float(outputs["loss"]))  # once per run: one host sync
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        loss = trainer.callback_metrics.get("train/loss")
-        if loss is not None and not math.isfinite(float(loss)):
-            raise NonFiniteLossError(
-                f"train/loss became {float(loss)} in epoch {trainer.current_epoch}: training "
-                f"diverged. Lower the learning rate (optim.lr={self.lr}; for task=gan "
-                "task.generator_optim.lr / task.discriminator_optim.lr), set "
-                "trainer.gradient_clip_val=1.0 (not with task=gan), "
-                "or check the data for NaN/inf values."
-            )
+        epoch = trainer.current_epoch
+        for key in ("train/loss", "val/loss"):
+            value = trainer.callback_metrics.get(key)
+            if value is None:
+                continue
+            value = float(value)
+            if not math.isfinite(value):
+                raise DivergedError(
+                    f"{key} became {value} in epoch {epoch}: training diverged. {self.hint}, "
+                    "or check the data for NaN/inf values."
+                )
+            limit = None if self.factor is None or not self.reference else self.factor
+            if limit is not None and value > limit * self.reference:
+                raise DivergedError(
+                    f"{key} reached {value:.4g} in epoch {epoch}, over {limit:g}x the "
+                    f"{self.reference:.4g} it started at: training diverged. {self.hint} "
+                    "(train.divergence_factor sets this limit; null turns it off)."
+                )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"reference": self.reference}  # a resumed run keeps its starting point
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.reference = state_dict.get("reference")
 
 
 class EpochHistory(Callback):
     """Per-epoch train/ and val/ metrics as rows, for `dvc plots` (MLflow gets the same values
-    from the logger)."""
+    from the logger). The rows ride in the checkpoint, so a resumed run's history is whole."""
 
     def __init__(self):
         self.rows: list[dict[str, float]] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rows = list(state_dict.get("rows", []))
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         metrics = trainer.callback_metrics
@@ -110,8 +154,10 @@ def fit(
     tags: Mapping[str, str] | None = None,
     ckpt_dir: Path | None = None,
     ckpt_path: Path | None = None,
+    run_id: str | None = None,
 ) -> tuple[L.Trainer, MLFlowLogger]:
-    """Train the configured model on the processed data, logging to an MLflow run `run_name`."""
+    """Train the configured model on the processed data, logging to a new MLflow run
+    `run_name`, or continuing the run `run_id` (a resumed training)."""
     L.seed_everything(cfg.seed, workers=True)
     task = get_task(cfg.task.name)
     meta = load_meta(cfg.paths.processed)
@@ -120,21 +166,28 @@ def fit(
     monitor, mode = cfg.task.monitor, "max" if cfg.task.direction == "maximize" else "min"
     uri = tracking_uri(cfg.mlflow.tracking_uri)
     check_reachable(uri)
+    check_store_location(uri)
     logger = MLFlowLogger(
         experiment_name=cfg.mlflow.experiment,
         run_name=run_name,
         tracking_uri=uri,
         tags={**provenance_tags(meta), **(tags or {})},
+        run_id=run_id,
     )
-    # Rank-zero only (like every logger call): records the run's full resolved config.
-    logger.log_hyperparams(
-        {k: v for k, v in flatten(to_dict(cfg)).items() if not k.startswith("search.")}
-    )
+    if run_id is None:
+        # Rank-zero only (like every logger call): records the run's full resolved config.
+        # A continued run has it already (MLflow params are write-once).
+        logger.log_hyperparams(
+            {k: v for k, v in flatten(to_dict(cfg)).items() if not k.startswith("search.")}
+        )
 
     trainer_kwargs = to_dict(cfg.trainer)
     if max_epochs is not None:
         trainer_kwargs["max_epochs"] = max_epochs
-    all_callbacks: list[Callback] = [FailOnNonFinite(cfg.optim.lr), LearningRateMonitor("epoch")]
+    all_callbacks: list[Callback] = [
+        FailOnDivergence(divergence_hint(task, cfg), cfg.train.divergence_factor),
+        LearningRateMonitor("epoch"),
+    ]
     if trainer_kwargs.get("enable_progress_bar", True):
         # Refreshing every step costs a host sync per step; a few updates per second is plenty.
         all_callbacks.append(TQDMProgressBar(refresh_rate=cfg.train.progress_refresh_steps))
@@ -143,9 +196,19 @@ def fit(
             EarlyStopping(monitor, mode=mode, patience=cfg.train.early_stopping_patience)
         )
     if ckpt_dir is not None:
-        all_callbacks.append(
-            ModelCheckpoint(ckpt_dir, filename="best", monitor=monitor, mode=mode, save_last=True)
-        )
+        # Saved at the end of each training epoch (after its validation), so the epoch's
+        # history row and the divergence reference are in the checkpoint a resume starts from.
+        all_callbacks += [
+            ModelCheckpoint(
+                ckpt_dir,
+                filename="best",
+                monitor=monitor,
+                mode=mode,
+                save_last=True,
+                save_on_train_epoch_end=True,
+            ),
+            RecordRun(ckpt_dir / RUN_RECORD, resume_identity(cfg)),
+        ]
     trainer = L.Trainer(
         **trainer_kwargs,
         logger=logger,
@@ -159,6 +222,8 @@ def fit(
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         # Only epoch aggregates are logged, so Lightning's per-step logging interval is moot.
         warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
+        # A resume starts in the folder of the checkpoint it continues, by design.
+        warnings.filterwarnings("ignore", ".*exists and is not empty.*")
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return trainer, logger
 
@@ -166,6 +231,7 @@ def fit(
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit with the tuned parameters; write checkpoints and `run.json` (the MLflow run id) for
     the stages that follow."""
+    check_config(cfg)
     tuned = tuned_params(cfg.paths.tune) if cfg.train.use_tuned else {}
     if tuned:
         log.info("applying tuned parameters from %s: %s", cfg.paths.tune, tuned)
@@ -177,8 +243,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise FileNotFoundError(
             f"train.resume=true but {resume_from} does not exist: run without train.resume first"
         )
-    if resume_from is None and ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)  # stale checkpoints of another run must not pass as this run's
+    record = read_run_record(ckpt_dir)
+    run_id = None
+    if resume_from is not None:
+        run_id = check_resumable(record, cfg, resume_from)
+    else:
+        close_abandoned_run(record, cfg)
+        if ckpt_dir.exists():
+            shutil.rmtree(ckpt_dir)  # stale checkpoints of another run must not pass as this one's
     (out / "run.json").unlink(missing_ok=True)  # nor its run info, should this run fail
 
     history = EpochHistory()
@@ -189,6 +261,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         ckpt_dir=ckpt_dir,
         ckpt_path=resume_from,
         tags={"stage": "train"},
+        run_id=run_id,
     )
     if not trainer.is_global_zero:
         return {}
@@ -220,3 +293,76 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         info["run_id"],
     )
     return info
+
+
+# --- one record for an interrupted and resumed training -------------------------------------
+
+RUN_RECORD = "mlflow_run.json"  # beside the checkpoints: the run they belong to, and its setup
+
+
+def resume_identity(cfg: DictConfig) -> dict[str, Any]:
+    """The settings a checkpoint is only valid with: what was learned, from what, and how."""
+    return {
+        "seed": cfg.seed,
+        "data": to_dict(cfg.data),
+        "model": to_dict(cfg.model),
+        "task": to_dict(cfg.task),
+        "optim": to_dict(cfg.optim),
+        "train.batch_size": cfg.train.batch_size,
+    }
+
+
+class RecordRun(Callback):
+    """Writes the MLflow run id and `resume_identity` next to the checkpoints when fitting
+    starts, so a resume continues that run and can check it is resuming the same setup."""
+
+    def __init__(self, path: Path, identity: dict[str, Any]):
+        self.path, self.identity = path, identity
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            write_json(self.path, {"run_id": trainer.logger.run_id, "identity": self.identity})
+
+
+def read_run_record(ckpt_dir: Path) -> dict[str, Any] | None:
+    path = ckpt_dir / RUN_RECORD
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def check_resumable(record: dict[str, Any] | None, cfg: DictConfig, checkpoint: Path) -> str | None:
+    """The MLflow run to continue; ValueError naming every setting that differs from the
+    checkpoint's, before anything is fitted. None when the checkpoint has no record (written
+    by an older dlpipe): the resumed epochs then go to a new run."""
+    if record is None:
+        log.warning(
+            "%s has no %s: the resumed epochs go to a new MLflow run", checkpoint, RUN_RECORD
+        )
+        return None
+    then, now = flatten(record["identity"]), flatten(resume_identity(cfg))
+    changed = sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
+    if changed:
+        diffs = "; ".join(f"{k}: {then.get(k)!r} then, {now.get(k)!r} now" for k in changed[:8])
+        raise ValueError(
+            f"train.resume=true, but {checkpoint} was trained with other settings ({diffs}): "
+            "restore those values to continue it, or run without train.resume=true to start over"
+        )
+    return record["run_id"]
+
+
+def close_abandoned_run(record: dict[str, Any] | None, cfg: DictConfig) -> None:
+    """A fresh start abandons the interrupted run it replaces: close it (KILLED) rather than
+    leave it RUNNING forever."""
+    if record is None:
+        return
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri(cfg.mlflow.tracking_uri))
+    try:
+        run = client.get_run(record["run_id"])
+    except MlflowException:
+        return  # deleted, or in another store: nothing of ours to close
+    if run.info.status == "RUNNING":
+        client.set_tag(run.info.run_id, "dlpipe.outcome", "interrupted, not resumed")
+        client.set_terminated(run.info.run_id, status="KILLED")
+        log.info("closed the interrupted training run %s (not resumed)", run.info.run_id)

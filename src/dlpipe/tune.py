@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import socket
 import time
 import warnings
 from collections.abc import Mapping
@@ -22,17 +24,18 @@ from lightning.pytorch.callbacks import Callback
 from mlflow import MlflowClient
 from mlflow.entities import Metric, RunTag
 from omegaconf import DictConfig
-from optuna.study import MaxTrialsCallback
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
 from dlpipe.data import write_json
+from dlpipe.schema import check_config
 from dlpipe.tracking import setup_mlflow
 from dlpipe.train import NonFiniteLossError, fit, to_dict, with_overrides
 
 log = logging.getLogger(__name__)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+WORKER = f"{socket.gethostname()}:{os.getpid()}"  # which process runs a trial (user attr)
 SAMPLE_TYPES = ("float", "int", "categorical")
 
 
@@ -142,6 +145,7 @@ class BestScore(Callback):
 
 
 def tune(cfg: DictConfig) -> dict[str, Any]:
+    check_config(cfg)
     out = Path(cfg.paths.tune)
     storage_url = cfg.tune.storage or f"sqlite:///{cfg.paths.study_db}"
     experiment_id = setup_mlflow(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
@@ -158,9 +162,6 @@ def tune(cfg: DictConfig) -> dict[str, Any]:
         ),
         load_if_exists=True,
     )
-    # Seeded by how far the study already got: a resumed study reseeded with cfg.seed alone would
-    # replay its first invocation's random start and re-run trials it already has.
-    study.sampler = optuna.samplers.TPESampler(seed=cfg.seed + len(study.trials))
     # One MLflow parent run per study, reopened when the study resumes.
     parent_id = study.user_attrs.get("mlflow_run_id")
     if parent_id is None:
@@ -171,6 +172,7 @@ def tune(cfg: DictConfig) -> dict[str, Any]:
         client.log_dict(parent_id, to_dict(cfg.search), "search_space.yaml")
     else:
         client.update_run(parent_id, status="RUNNING")
+    close_stale_trials(study, client, parent_id)
 
     # Trials run on one device: a DDP launcher would re-execute this whole script per rank.
     trial_base = with_overrides(
@@ -179,6 +181,11 @@ def tune(cfg: DictConfig) -> dict[str, Any]:
     )
 
     def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", WORKER)
+        # Seeded by the trial's number, which the storage hands out once: a lone worker
+        # replays the same trials, and parallel workers (or a resumed study) never draw the
+        # same random start twice. TPE itself is stateless: it reads the finished trials.
+        study.sampler = optuna.samplers.TPESampler(seed=cfg.seed + trial.number)
         params = suggest(trial, to_dict(cfg.search))
         best = BestScore(cfg.tune.metric, maximize)
         tags = {"mlflow.parentRunId": parent_id, "stage": "tune", "optuna.trial": str(trial.number)}
@@ -195,33 +202,35 @@ def tune(cfg: DictConfig) -> dict[str, Any]:
             _mark_child(client, parent_id, trial.number, "pruned")
             raise
         except NonFiniteLossError:
+            # The user's failure (the config diverges): it counts against the budget.
+            trial.set_user_attr("outcome", "diverged")
             _mark_child(client, parent_id, trial.number, "diverged")
             raise
         if best.value is None:
             raise RuntimeError(f"trial {trial.number} never reported {cfg.tune.metric}")
         return best.value
 
-    finished = [t for t in study.get_trials(deepcopy=False) if t.state in FINISHED]
-    remaining = cfg.tune.n_trials - len(finished)
+    done = spent_budget(study)
+    remaining = cfg.tune.n_trials - done
     if remaining > 0:
-        log.info(
-            "study %s: %d trials done, running %d more", study.study_name, len(finished), remaining
-        )
+        log.info("study %s: %d trials done, running %d more", study.study_name, done, remaining)
+
+        def stop_at_budget(study: optuna.Study, trial: FrozenTrial) -> None:
+            # Other workers sharing the storage count towards the same total budget.
+            if spent_budget(study) >= cfg.tune.n_trials:
+                study.stop()
+
         study.optimize(
             objective,
             n_trials=remaining,
             timeout=cfg.tune.timeout_s,
-            # Other workers sharing the storage count towards the same total budget.
-            callbacks=[MaxTrialsCallback(cfg.tune.n_trials, states=FINISHED)],
+            callbacks=[stop_at_budget],
             catch=(NonFiniteLossError,),  # a diverged trial fails; the study goes on
             gc_after_trial=True,
         )
     else:
-        log.info(
-            "study %s already has %d finished trials; nothing to run",
-            study.study_name,
-            len(finished),
-        )
+        log.info("study %s already has %d finished trials; nothing to run", study.study_name, done)
+    close_stale_trials(study, client, parent_id)
 
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not completed:
@@ -262,6 +271,61 @@ def tune(cfg: DictConfig) -> dict[str, Any]:
         study.best_params,
     )
     return summary
+
+
+def spent_budget(study: optuna.Study) -> int:
+    """Trials that count against tune.n_trials: complete, pruned, or failed by the config
+    (diverged). A trial killed with its worker or crashed by an error is not the config's
+    result, so it does not count and another trial takes its place."""
+    return sum(
+        t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        or (t.state == TrialState.FAIL and t.user_attrs.get("outcome") == "diverged")
+        for t in study.get_trials(deepcopy=False)
+    )
+
+
+def close_stale_trials(study: optuna.Study, client: MlflowClient, parent_id: str) -> list[int]:
+    """Fail the RUNNING trials whose worker is gone, and close their MLflow runs; returns
+    their numbers. A worker on this machine is gone when its process is; a worker elsewhere,
+    when its heartbeat stops (RDB storages, after the grace period)."""
+    storage = study._storage  # Optuna has no public getter; its methods are public API
+    if isinstance(storage, optuna.storages.RDBStorage):
+        optuna.storages.fail_stale_trials(study)
+    stale = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
+        if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+            storage.set_trial_user_attr(trial._trial_id, "outcome", "killed")
+            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            stale.append(trial.number)
+    # The MLflow runs of trials no longer running (killed mid-trial: their process never
+    # closed them) are closed too, in one query.
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    orphans = client.search_runs(
+        [client.get_run(parent_id).info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' "
+        "and attributes.status = 'RUNNING'",
+    )
+    for run in orphans:
+        number = int(run.data.tags.get("optuna.trial", -1))
+        if states.get(number, TrialState.RUNNING) != TrialState.RUNNING:
+            client.set_tag(run.info.run_id, "optuna.outcome", "killed")
+            client.set_terminated(run.info.run_id, status="KILLED")
+    if stale:
+        log.warning(
+            "trials %s of study %s lost their worker: failed, not counted", stale, study.study_name
+        )
+    return stale
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
 
 
 def _mark_child(client: MlflowClient, parent_id: str, number: int, outcome: str) -> None:

@@ -22,6 +22,7 @@ import torch
 
 from dlpipe.data import (
     DataError,
+    check_class_coverage,
     check_fraction,
     check_limit,
     checked_manifest,
@@ -180,6 +181,7 @@ def preprocess(data: Mapping, raw_dir: Path, out_dir: Path, seed: int) -> dict:
     names, digits, speakers, indices = parse_names(folder)
     speaker_names = sorted(set(speakers.tolist()))
     splits = split_indices(data, digits, speakers, indices, seed)
+    check_class_coverage({s: digits[i] for s, i in splits.items()}, CLASSES, "raise data.limit")
 
     arrays: dict[str, np.ndarray] = {}
     for split, idx in splits.items():

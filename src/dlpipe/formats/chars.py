@@ -23,9 +23,11 @@ from dlpipe.data import (
     check_fraction,
     check_limit,
     checked_manifest,
+    decode_text,
     raw_sha256,
     read_verified,
     save_arrays,
+    source_of,
     write_meta,
 )
 
@@ -36,6 +38,18 @@ def split_bounds(n: int, val_fraction: float, test_fraction: float) -> tuple[int
     """(train end, val end) character offsets of a text of `n` characters."""
     n_val, n_test = round(val_fraction * n), round(test_fraction * n)
     return n - n_val - n_test, n - n_test
+
+
+def smallest_text(block_size: int, val_fraction: float, test_fraction: float) -> int:
+    """The fewest characters whose three splits each hold a (block_size + 1)-character window."""
+    # round(fraction * n) reaches block_size + 1 from about here on: step up to the first fit
+    smallest_share = min(val_fraction, test_fraction, 1 - val_fraction - test_fraction)
+    n = int((block_size + 0.5) / smallest_share) - 2
+    while True:
+        train_end, val_end = split_bounds(n, val_fraction, test_fraction)
+        if min(train_end, val_end - train_end, n - val_end) >= block_size + 1:
+            return n
+        n += 1
 
 
 def encode(text: str, chars: str) -> tuple[np.ndarray, int]:
@@ -59,10 +73,7 @@ def preprocess(data: Mapping, raw_dir: Path, out_dir: Path, seed: int) -> dict:
         )
     ((name, sha256),) = manifest["files"].items()
     blob = read_verified(Path(raw_dir) / name, sha256)
-    try:
-        text = blob.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{name} is not UTF-8 text ({e}): check data.files") from e
+    text = decode_text(blob, data["encoding"], source_of(data, Path(raw_dir) / name))
     if data.get("limit") is not None:
         text = text[: data["limit"]]  # the head of the text, for quick runs
 
@@ -74,10 +85,13 @@ def preprocess(data: Mapping, raw_dir: Path, out_dir: Path, seed: int) -> dict:
     for split, part in parts.items():
         streams[split], dropped[split] = encode(part, chars)
         if len(streams[split]) < block_size + 1:
+            fix = f"data.{'limit' if split == 'train' else f'{split}_fraction'}"
+            if data.get("limit") is not None:  # the usual cause: a cap sized for other formats
+                smallest = smallest_text(block_size, data["val_fraction"], data["test_fraction"])
+                fix = f"data.limit (at least {smallest} characters at this block size)"
             raise ValueError(
                 f"the {split} split has {len(streams[split])} characters, fewer than "
-                f"data.block_size + 1 = {block_size + 1}: lower data.block_size or raise "
-                f"data.{'limit' if split == 'train' else f'{split}_fraction'}"
+                f"data.block_size + 1 = {block_size + 1}: lower data.block_size or raise {fix}"
             )
     if any(dropped.values()):
         log.warning("dropped characters never seen in training: %s", dropped)

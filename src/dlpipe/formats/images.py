@@ -13,6 +13,7 @@ import io
 import logging
 import struct
 import time
+import warnings
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +25,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dlpipe.data import (
     DataError,
+    check_class_coverage,
     check_fraction,
     check_limit,
     checked_manifest,
@@ -73,6 +75,8 @@ def preprocess(data: Mapping, raw_dir: Path, out_dir: Path, seed: int) -> dict:
         )
     val_idx, train_idx = stratified_split(y, fraction_count(data, "val_fraction", len(y)), rng)
     splits = {"train": (x[train_idx], y[train_idx]), "val": (x[val_idx], y[val_idx]), "test": test}
+    fix = "raise data.limit" if fmt == "idx" else "add images to those class folders"
+    check_class_coverage({s: ys for s, (_, ys) in splits.items()}, classes, fix)
 
     sha256 = save_arrays(
         out_dir,
@@ -198,7 +202,6 @@ def _read_image_folder(data: Mapping, manifest: Mapping) -> tuple[np.ndarray, np
     root = image_root(data)
     height, width = data["image_size"]
     channels = data["channels"]
-    mode = "L" if channels == 1 else "RGB"
     label_of = {name: i for i, name in enumerate(manifest["classes"])}
     names = sorted(manifest["files"])
     x = np.empty((len(names), height, width) + ((channels,) if channels > 1 else ()), np.uint8)
@@ -206,17 +209,37 @@ def _read_image_folder(data: Mapping, manifest: Mapping) -> tuple[np.ndarray, np
     for i, name in enumerate(names):
         path = root / name
         blob = read_verified(path, manifest["files"][name])
-        try:
-            with Image.open(io.BytesIO(blob)) as img:
-                # exif_transpose: phone JPEGs store rotation as a tag, not in the pixels.
-                img = ImageOps.exif_transpose(img).convert(mode)
-                x[i] = np.asarray(img.resize((width, height), Image.Resampling.BILINEAR))
-        except (UnidentifiedImageError, OSError) as e:
-            raise DataError(
-                f"{path} can't be decoded ({e}): replace or delete it, then re-run collect"
-            ) from e
+        x[i] = decode_image(blob, (height, width), channels, data["max_pixels"], str(path))
         y[i] = label_of[name.split("/", 1)[0]]
     return x, y
+
+
+def decode_image(
+    blob: bytes, size: tuple[int, int], channels: int, max_pixels: int, source: str
+) -> np.ndarray:
+    """An encoded image (PNG/JPEG bytes) as uint8 (H, W) for channels=1 or (H, W, 3): EXIF
+    rotation applied, converted to grayscale/RGB, resized bilinearly to `size` = (H, W).
+
+    DataError for bytes that are not an image, or one of more than `max_pixels` pixels
+    (data.max_pixels: a decompression bomb or a photo far larger than the model's input)."""
+    try:
+        with warnings.catch_warnings():
+            # Our own cap below replaces PIL's DecompressionBombWarning, with the fix.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(blob)) as img:
+                if img.width * img.height > max_pixels:
+                    raise DataError(
+                        f"{source} is {img.width}x{img.height} = {img.width * img.height:,} "
+                        f"pixels, more than data.max_pixels={max_pixels:,}: downscale it, or "
+                        "raise data.max_pixels if you have the memory"
+                    )
+                # exif_transpose: phone JPEGs store rotation as a tag, not in the pixels.
+                img = ImageOps.exif_transpose(img).convert("L" if channels == 1 else "RGB")
+                return np.asarray(img.resize(size[::-1], Image.Resampling.BILINEAR))
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        raise DataError(
+            f"{source} can't be decoded ({e}): replace or delete it, then re-run collect"
+        ) from e
 
 
 # --- serving ---------------------------------------------------------------------------------

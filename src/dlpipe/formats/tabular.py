@@ -30,12 +30,16 @@ from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 from dlpipe.data import (
     DataError,
+    check_class_coverage,
     check_fraction,
     check_limit,
+    check_unique_members,
     checked_manifest,
+    decode_text,
     raw_sha256,
     read_verified,
     save_arrays,
+    source_of,
     stratified_split,
     write_atomic,
     write_meta,
@@ -74,6 +78,10 @@ def preprocess(data: Mapping, raw_dir: Path, out_dir: Path, seed: int) -> dict:
     else:
         y = pd.to_numeric(frame[target]).to_numpy(np.float64)
     splits = split_rows(y, data, kind, rng)
+    if kind == "classification":
+        check_class_coverage(
+            {s: y[idx] for s, idx in splits.items()}, classes, "give those classes more rows"
+        )
 
     transform = make_transform(features)
     transform.fit(coerce(features.iloc[splits["train"]], *columns_of(transform)))
@@ -132,10 +140,26 @@ def read_table(data: Mapping, raw_dir: Path, manifest: Mapping) -> pd.DataFrame:
     blob = read_verified(Path(raw_dir) / name, sha)
     if name.endswith((".tgz", ".tar.gz", ".tar", ".zip")):
         blob = _archive_member(blob, name, data.get("member"))
+    source = source_of(data, Path(raw_dir) / name)
+    text = decode_text(blob, data["encoding"], source)
     try:
-        return pd.read_csv(io.BytesIO(blob))
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise DataError(f"{name} is not a readable CSV ({e}): check data.path") from e
+        frame = pd.read_csv(io.StringIO(text), sep=data["delimiter"], decimal=data["decimal"])
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise DataError(
+            f"{source} is not a readable CSV ({e}): check data.delimiter "
+            f"({data['delimiter']!r}) and data.decimal ({data['decimal']!r})"
+        ) from e
+    if frame.shape[1] == 1:
+        (column,) = frame.columns
+        found = [d for d in (";", "\t", "|") if d in str(column) and d != data["delimiter"]]
+        if found:
+            raise DataError(
+                f"{source} reads as one column {str(column)[:60]!r}: its header is separated "
+                f"by {found[0]!r}, not data.delimiter={data['delimiter']!r}. Set "
+                f"data.delimiter={found[0]!r} (and data.decimal=',' if numbers are written "
+                "3,5)"
+            )
+    return frame
 
 
 def _archive_member(blob: bytes, name: str, member: str | None) -> bytes:
@@ -150,6 +174,7 @@ def _archive_member(blob: bytes, name: str, member: str | None) -> bytes:
 
 
 def _member(names: list[str], member: str | None, archive: str) -> str:
+    check_unique_members(names, archive)
     if member is not None:
         if member not in names:
             raise DataError(f"{archive} has no CSV member {member!r}; it has {names}")

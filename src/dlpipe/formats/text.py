@@ -24,14 +24,17 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
 from dlpipe.data import (
     DataError,
+    check_class_coverage,
     check_fraction,
     check_limit,
     checked_manifest,
+    decode_text,
     fraction_count,
     load_array,
     raw_sha256,
     read_verified,
     save_arrays,
+    source_of,
     stratified_split,
     write_atomic,
     write_meta,
@@ -94,6 +97,9 @@ def preprocess(data: Mapping, raw_dir: Path, out_dir: Path, seed: int) -> dict:
         arrays[f"{split}_y"] = _label_ids(ys, classes, split)
         arrays[f"{split}_lengths"] = (x != PAD_ID).sum(1, dtype=np.int32)
         truncated[split] = int((arrays[f"{split}_lengths"] == max_len).sum())
+    check_class_coverage(
+        {s: arrays[f"{s}_y"] for s in splits}, classes, "give those classes more rows"
+    )
     sha256 = save_arrays(out_dir, arrays)
     sha256[TOKENIZER] = write_atomic(out_dir / TOKENIZER, [tokenizer.to_str(pretty=True).encode()])
     meta = {
@@ -240,22 +246,23 @@ def _read_table(
             "check data.train_file / data.test_file, then re-run collect"
         )
     path = raw_dir / name
+    source = source_of(data, path)
     blob = read_verified(path, manifest["files"][name])
+    text = decode_text(blob, data["encoding"], source)
     columns = data.get("columns")
     try:
         table = pd.read_csv(
-            io.BytesIO(blob),
+            io.StringIO(text),
             sep=data["delimiter"],
             header=None if columns else 0,
             names=list(columns) if columns else None,
             dtype=str,
             keep_default_na=False,  # a text "NA" or "null" is text
             quoting=csv.QUOTE_MINIMAL if data["quoted"] else csv.QUOTE_NONE,
-            encoding="utf-8",
         )
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise DataError(
-            f"{path} can't be read as a table ({e}): check data.delimiter "
+            f"{source} can't be read as a table ({e}): check data.delimiter "
             f"({data['delimiter']!r}), data.quoted and data.columns"
         ) from e
     for key in ("text_column", "label_column"):

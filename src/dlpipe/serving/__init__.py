@@ -1,4 +1,5 @@
-"""Shipping models: checkpoints read without Lightning, and MLflow pyfuncs logged "from code".
+"""Shipping models: MLflow pyfuncs logged "from code" (the networks and the checkpoint loader
+they share with the tasks live in `dlpipe.models`).
 
 Each task's pyfunc is a file `dlpipe/serving/<task>.py` ending in `mlflow.models.set_model(...)`;
 MLflow stores that file with the model and the dlpipe package as `code_paths`, so a registered
@@ -12,7 +13,7 @@ from __future__ import annotations
 import inspect
 import json
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,42 +25,19 @@ from mlflow.models import ModelSignature, infer_signature
 
 import dlpipe
 from dlpipe.formats import format_module
-from dlpipe.models import create_model
-
-
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state_dict, hyperparameters) of a Lightning checkpoint, read without importing
-    Lightning (evaluate and register start seconds faster)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    return checkpoint["state_dict"], checkpoint["hyper_parameters"]
-
-
-def submodule_state(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """The entries of `state` under `prefix` ("net."), with the prefix removed."""
-    return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-
-
-def build_net(model: Mapping[str, Any], net: Mapping[str, Any]) -> torch.nn.Module:
-    """`create_model` from a model config and the data-derived arguments (`net_args`)."""
-    return create_model(**model, **net)
-
-
-def load_checkpoint(
-    path: str | Path, prefix: str = "net."
-) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The shippable network of a checkpoint whose module saved `model` and `net` hyperparameters
-    and keeps the network as `self.net`, in eval mode on the CPU."""
-    state, hparams = read_checkpoint(path)
-    net = build_net(hparams["model"], hparams["net"])
-    net.load_state_dict(submodule_state(state, prefix))
-    return net.eval(), hparams
+from dlpipe.models import build_net
 
 
 def load_artifacts(
-    context: mlflow.pyfunc.PythonModelContext, build=None
+    context: mlflow.pyfunc.PythonModelContext,
+    build: Callable[[Mapping[str, Any], Mapping[str, Any]], torch.nn.Module] | None = None,
 ) -> tuple[dict[str, Any], torch.nn.Module]:
-    """(spec, network in eval mode) of a pyfunc's `spec` and `weights` artifacts; `build(model,
-    net)` makes the network (default: build_net, the registry's)."""
+    """(spec, network in eval mode) of a pyfunc's `spec` and `weights` artifacts, rebuilt by
+    `models.build_net` like a checkpoint's network.
+
+    `build(model, net)` stays for the gan and autoencoder pyfunc files registered before their
+    networks moved to `dlpipe.models`: those files bring their own builder, and where the new
+    dlpipe is already imported (e.g. a notebook) they call this function with it."""
     with open(context.artifacts["spec"]) as f:
         spec = json.load(f)
     net = (build or build_net)(spec["model"], spec["net"])

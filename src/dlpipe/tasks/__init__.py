@@ -3,7 +3,8 @@
 The stages are task-agnostic: `train.fit` asks the task for its LightningModule and
 LightningDataModule, `evaluate` for its test metrics and report files, `register` for its MLflow
 pyfunc. A task is a module `dlpipe.tasks.<name>` exposing `TASK`, an object with the methods of
-`Task`; `conf/task/<name>.yaml` holds its settings (`cfg.task`).
+`Task`; `conf/task/<name>.yaml` holds its settings (`cfg.task`). A task whose training is
+steered by other keys than `optim.lr` also defines `divergence_hint(cfg)` (see `divergence_hint`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,15 @@ def get_task(name: str) -> Task:
             f"unknown task {name!r}: choose one of {list(TASKS)} (e.g. task=classifier)"
         )
     return importlib.import_module(f"dlpipe.tasks.{name}").TASK
+
+
+def divergence_hint(task: Task, cfg: DictConfig) -> str:
+    """What to change when `task`'s training loss stops being finite: the task's own
+    `divergence_hint(cfg)` where it has one, else the learning rate and gradient clipping."""
+    own = getattr(task, "divergence_hint", None)
+    if own is not None:
+        return own(cfg)
+    return f"Lower the learning rate (optim.lr={cfg.optim.lr}), set trainer.gradient_clip_val=1.0"
 
 
 def net_args(meta: dict[str, Any], **extra: Any) -> dict[str, Any]:

@@ -24,9 +24,12 @@ from PIL import Image
 
 from dlpipe.data import load_split
 from dlpipe.datamodule import make_datamodule
+from dlpipe.models import create_model, load_checkpoint
+from dlpipe.models.generative import ConvAutoencoder
 from dlpipe.optim import configure_optimizers
-from dlpipe.serving import log_pyfunc, read_checkpoint, submodule_state
-from dlpipe.serving.autoencoder import AutoencoderModel, ConvAutoencoder, build_autoencoder
+from dlpipe.plots import image_grid, saved_figure
+from dlpipe.serving import log_pyfunc
+from dlpipe.serving.autoencoder import AutoencoderModel
 
 
 def reconstruction_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -40,7 +43,7 @@ def kl_to_standard_normal(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Ten
 
 
 class Autoencoder(L.LightningModule):
-    """Trains `build_autoencoder(model, net)` on images only (a batch's labels are never read);
+    """Trains `create_model(**model, **net)` on images only (a batch's labels are never read);
     `self.net` alone is evaluated and shipped."""
 
     def __init__(
@@ -53,7 +56,7 @@ class Autoencoder(L.LightningModule):
         super().__init__()
         # Recorded in the checkpoint so it rebuilds on its own; MLflow gets the full config instead.
         self.save_hyperparameters(logger=False)
-        self.net = build_autoencoder(model, net)
+        self.net = create_model(**model, **net)
         self.beta = model.get("beta")  # weight of the KL term; vae only
         self.shown: torch.Tensor | None = None  # validation images of the per-epoch grid
 
@@ -91,21 +94,14 @@ class Autoencoder(L.LightningModule):
         ):
             return
         originals = self.shown.cpu().numpy()
-        grid = image_grid([originals, reconstruct(self.net, originals)])
+        rows = np.concatenate([originals, reconstruct(self.net, originals)])
+        grid = image_grid(rows, cols=len(originals), fill=255)  # originals over reconstructions
         self.logger.experiment.log_image(
             self.logger.run_id, grid, f"reconstructions/epoch_{self.current_epoch:03d}.png"
         )
 
     def configure_optimizers(self):
         return configure_optimizers(self, self.hparams.optim)
-
-
-def load_autoencoder(checkpoint: Path) -> tuple[ConvAutoencoder, dict[str, Any]]:
-    """The checkpoint's network (eval mode, CPU) and hyperparameters, without Lightning."""
-    state, hparams = read_checkpoint(checkpoint)
-    net = build_autoencoder(hparams["model"], hparams["net"])
-    net.load_state_dict(submodule_state(state, "net."))
-    return net.eval(), hparams
 
 
 @torch.inference_mode()
@@ -154,19 +150,6 @@ def cluster_scores(
     )
 
 
-def image_grid(rows: Sequence[np.ndarray], gap: int = 2) -> np.ndarray:
-    """Rows of equally many uint8 images (n, H, W[, C]) tiled into one image, white gaps."""
-    n, height, width, *channels = rows[0].shape
-    grid = np.full(
-        (len(rows) * (height + gap) - gap, n * (width + gap) - gap, *channels), 255, np.uint8
-    )
-    for r, images in enumerate(rows):
-        for c, image in enumerate(images):
-            top, left = r * (height + gap), c * (width + gap)
-            grid[top : top + height, left : left + width] = image
-    return grid
-
-
 def plot_latents(
     codes: np.ndarray,
     labels: np.ndarray,
@@ -177,10 +160,7 @@ def plot_latents(
 ) -> None:
     """PCA of the codes to 2-D, coloured by true class; beside it a t-SNE of a seeded subsample
     of `tsne_samples` codes (0: PCA only)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
 
@@ -190,17 +170,17 @@ def plot_latents(
         keep = rng.permutation(len(codes))[:tsne_samples]
         embedded = TSNE(2, init="pca", random_state=seed).fit_transform(codes[keep])
         panels.append((f"t-SNE ({len(keep)} samples)", embedded, labels[keep]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 6), squeeze=False)
-    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
-    for ax, (title, points, y) in zip(axes[0], panels, strict=True):
-        for c, name in enumerate(classes):
-            chosen = y == c
-            ax.scatter(*points[chosen].T, s=3, alpha=0.6, color=cmap(c % cmap.N), label=name)
-        ax.set(title=f"latent codes: {title}", xticks=[], yticks=[])
-    axes[0][-1].legend(markerscale=4, fontsize=8, loc="center left", bbox_to_anchor=(1, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    cmap = colormaps["tab10" if len(classes) <= 10 else "tab20"]
+    with saved_figure(path, 1, len(panels), figsize=(7 * len(panels), 6), squeeze=False) as (
+        _,
+        axes,
+    ):
+        for ax, (title, points, y) in zip(axes[0], panels, strict=True):
+            for c, name in enumerate(classes):
+                chosen = y == c
+                ax.scatter(*points[chosen].T, s=3, alpha=0.6, color=cmap(c % cmap.N), label=name)
+            ax.set(title=f"latent codes: {title}", xticks=[], yticks=[])
+        axes[0][-1].legend(markerscale=4, fontsize=8, loc="center left", bbox_to_anchor=(1, 0.5))
 
 
 def per_class_examples(labels: np.ndarray, num_classes: int, per_class: int) -> np.ndarray:
@@ -219,6 +199,11 @@ class AutoencoderTask:
                 f"task=autoencoder needs image data, but data={meta['name']} holds {kind!r} "
                 "inputs: pick an image dataset (e.g. data=fashion_mnist)"
             )
+        if cfg.model.name not in ("autoencoder", "vae"):
+            raise ValueError(
+                "task=autoencoder trains model=autoencoder or model=vae, "
+                f"not model={cfg.model.name}"
+            )
         return Autoencoder(
             model=OmegaConf.to_container(cfg.model, resolve=True),
             net={"input_shape": list(meta["input_shape"])},
@@ -229,7 +214,7 @@ class AutoencoderTask:
     def evaluate(
         self, cfg: DictConfig, checkpoint: Path, meta: dict[str, Any], out: Path
     ) -> dict[str, float]:
-        net, _ = load_autoencoder(checkpoint)
+        net, _ = load_checkpoint(checkpoint)
         x, y = load_split(cfg.paths.processed, "test")
         torch.manual_seed(cfg.seed)  # the VAE's sampled z in the ELBO estimate
         summary, codes = reconstruction_scores(net, x)
@@ -242,14 +227,14 @@ class AutoencoderTask:
         classes = meta["classes"]
         plot_latents(codes, y, classes, out / "latents.png", cfg.seed, cfg.task.tsne_samples)
         shown = x[per_class_examples(y, len(classes), per_class=2)]
-        grid = image_grid([shown, reconstruct(net, shown)])
+        grid = image_grid(np.concatenate([shown, reconstruct(net, shown)]), len(shown), fill=255)
         Image.fromarray(grid).save(out / "reconstructions.png")
         return summary
 
     def log_model(
         self, cfg: DictConfig, checkpoint: Path, meta: dict[str, Any], run_id: str
     ) -> str:
-        net, hparams = load_autoencoder(checkpoint)
+        net, hparams = load_checkpoint(checkpoint)
         spec = {"model": hparams["model"], "net": hparams["net"], "format": meta["format"]}
         example = load_split(cfg.paths.processed, "test")[0][:2]
         # One tensor signature cannot describe both modes (images in for encode, latents in for

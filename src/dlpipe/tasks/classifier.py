@@ -4,6 +4,8 @@ accuracy in training; accuracy, macro P/R/F1, ROC-AUC and a confusion matrix on 
 from __future__ import annotations
 
 import csv
+import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,11 +28,14 @@ from torchmetrics.functional.classification import (
 from dlpipe.data import load_split, write_json
 from dlpipe.datamodule import make_datamodule
 from dlpipe.formats import format_module
-from dlpipe.models import create_model
+from dlpipe.models import create_model, load_checkpoint, predict
 from dlpipe.optim import configure_optimizers
-from dlpipe.serving import load_checkpoint, log_pyfunc
+from dlpipe.plots import saved_figure
+from dlpipe.serving import log_pyfunc
 from dlpipe.serving.classifier import ClassifierModel
 from dlpipe.tasks import net_args
+
+log = logging.getLogger(__name__)
 
 
 class Classifier(L.LightningModule):
@@ -79,42 +84,48 @@ class Classifier(L.LightningModule):
         return configure_optimizers(self, self.hparams.optim)
 
 
-@torch.inference_mode()
-def predict_logits(net: torch.nn.Module, x: np.ndarray, batch_size: int = 2048) -> torch.Tensor:
-    net.eval()
-    device = next(net.parameters()).device
-    inputs = torch.from_numpy(x)
-    return torch.cat(
-        [
-            net(inputs[i : i + batch_size].to(device)).float().cpu()
-            for i in range(0, len(inputs), batch_size)
-        ]
-    )
-
-
 def classification_report(
     logits: torch.Tensor, target: torch.Tensor, classes: Sequence[str]
-) -> tuple[dict[str, float], dict[str, dict[str, float]], torch.Tensor]:
-    """(summary metrics, per-class precision/recall/F1/support, confusion matrix [true, pred])."""
+) -> tuple[dict[str, float], dict[str, dict[str, float | None]], torch.Tensor]:
+    """(summary metrics, per-class precision/recall/F1/ROC-AUC/support, confusion matrix
+    [true, pred]) of logits (N, K) against int64 targets (N,).
+
+    A class with no test samples has no recall or ROC-AUC (and a precision that only says it
+    was predicted wrongly): its per-class metrics are null and the macro averages are over the
+    classes the test split holds, with a warning naming the others."""
     k = len(classes)
     probs = logits.softmax(-1)
+    support = torch.bincount(target, minlength=k)
+    present = support > 0
+    absent = [c for c, p in zip(classes, present.tolist(), strict=True) if not p]
+    if absent:
+        log.warning(
+            "class(es) %s have no test samples: null in per_class.json and left out of the "
+            "macro averages (over %d of %d classes)",
+            absent,
+            int(present.sum()),
+            k,
+        )
+    with warnings.catch_warnings():
+        # torchmetrics warns about the classes without positives, which we leave out below.
+        warnings.filterwarnings("ignore", ".*(no positive samples|positive samples).*")
+        per_metric = {
+            "precision": multiclass_precision(probs, target, k, average=None),
+            "recall": multiclass_recall(probs, target, k, average=None),
+            "f1": multiclass_f1_score(probs, target, k, average=None),
+            "roc_auc": multiclass_auroc(probs, target, k, average=None),
+        }
     summary = {
         "test/loss": F.cross_entropy(logits, target).item(),
         "test/acc": multiclass_accuracy(probs, target, k, average="micro").item(),
-        "test/precision_macro": multiclass_precision(probs, target, k, average="macro").item(),
-        "test/recall_macro": multiclass_recall(probs, target, k, average="macro").item(),
-        "test/f1_macro": multiclass_f1_score(probs, target, k, average="macro").item(),
-        "test/roc_auc_ovr_macro": multiclass_auroc(probs, target, k, average="macro").item(),
+    } | {
+        f"test/{name}_macro": values[present].mean().item()
+        for name, values in per_metric.items()
+        if name != "roc_auc"
     }
-    per_metric = {
-        "precision": multiclass_precision(probs, target, k, average=None),
-        "recall": multiclass_recall(probs, target, k, average=None),
-        "f1": multiclass_f1_score(probs, target, k, average=None),
-        "roc_auc": multiclass_auroc(probs, target, k, average=None),
-    }
-    support = torch.bincount(target, minlength=k)
+    summary["test/roc_auc_ovr_macro"] = per_metric["roc_auc"][present].mean().item()
     per_class = {
-        name: {m: values[i].item() for m, values in per_metric.items()}
+        name: {m: values[i].item() if present[i] else None for m, values in per_metric.items()}
         | {"support": int(support[i])}
         for i, name in enumerate(classes)
     }
@@ -122,32 +133,16 @@ def classification_report(
 
 
 def plot_confusion(matrix: torch.Tensor, classes: Sequence[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 7))
-    image = ax.imshow(matrix.numpy(), cmap="Blues")
-    ax.set(
-        xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted", ylabel="true"
-    )
-    ax.set_xticklabels(classes, rotation=45, ha="right")
-    ax.set_yticklabels(classes)
-    for (i, j), n in np.ndenumerate(matrix.numpy()):
-        ax.text(
-            j,
-            i,
-            str(n),
-            ha="center",
-            va="center",
-            fontsize=7,
-            color="white" if n > matrix.max() / 2 else "black",
-        )
-    fig.colorbar(image)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with saved_figure(path, figsize=(8, 7)) as (fig, ax):
+        image = ax.imshow(matrix.numpy(), cmap="Blues")
+        ticks = range(len(classes))
+        ax.set(xticks=ticks, yticks=ticks, xlabel="predicted", ylabel="true")
+        ax.set_xticklabels(classes, rotation=45, ha="right")
+        ax.set_yticklabels(classes)
+        for (i, j), n in np.ndenumerate(matrix.numpy()):
+            color = "white" if n > matrix.max() / 2 else "black"
+            ax.text(j, i, str(n), ha="center", va="center", fontsize=7, color=color)
+        fig.colorbar(image)
 
 
 def write_confusion_rows(
@@ -176,7 +171,7 @@ class ClassifierTask:
             model=OmegaConf.to_container(cfg.model, resolve=True),
             net=net_args(meta),
             optim=OmegaConf.to_container(cfg.optim, resolve=True),
-            label_smoothing=cfg.train.label_smoothing,
+            label_smoothing=cfg.task.label_smoothing,
             compile=cfg.train.compile,
         )
 
@@ -186,7 +181,7 @@ class ClassifierTask:
         classes = meta["classes"]
         net, _ = load_checkpoint(checkpoint)
         x, y = load_split(cfg.paths.processed, "test")
-        logits = predict_logits(net, x)
+        logits = predict(net, x)
         summary, per_class, matrix = classification_report(logits, torch.from_numpy(y), classes)
         write_json(out / "per_class.json", per_class)
         write_confusion_rows(out / "confusion.csv", classes, y, logits.argmax(-1).numpy())

@@ -16,7 +16,8 @@ from omegaconf import DictConfig
 from dlpipe.data import load_array, load_split
 from dlpipe.datamodule import make_datamodule
 from dlpipe.formats.stocks import FEATURES
-from dlpipe.serving import load_checkpoint
+from dlpipe.models import load_checkpoint
+from dlpipe.plots import saved_figure
 from dlpipe.serving.forecaster import ForecasterModel
 from dlpipe.tasks.regressor import (
     log_regression_model,
@@ -55,23 +56,16 @@ def forecast_report(
 
 def plot_forecast(frame: dict[str, np.ndarray], path: Path, max_tickers: int = 4) -> None:
     """Actual vs predicted next-day log returns over the test period, one panel per ticker."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
     tickers = list(dict.fromkeys(frame["ticker"].tolist()))[:max_tickers]
-    fig, axes = plt.subplots(len(tickers), 1, figsize=(10, 2.6 * len(tickers)), squeeze=False)
-    for ax, ticker in zip(axes[:, 0], tickers, strict=True):
-        mine = frame["ticker"] == ticker
-        ax.plot(frame["date"][mine], frame["actual"][mine], linewidth=0.8, label="actual")
-        ax.plot(frame["date"][mine], frame["predicted"][mine], linewidth=1.2, label="predicted")
-        ax.axhline(0, color="black", linewidth=0.5)
-        ax.set(title=ticker, ylabel="log return")
-        ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    size = (10, 2.6 * len(tickers))
+    with saved_figure(path, len(tickers), 1, figsize=size, squeeze=False) as (_, axes):
+        for ax, ticker in zip(axes[:, 0], tickers, strict=True):
+            mine = frame["ticker"] == ticker
+            ax.plot(frame["date"][mine], frame["actual"][mine], linewidth=0.8, label="actual")
+            ax.plot(frame["date"][mine], frame["predicted"][mine], linewidth=1.2, label="predicted")
+            ax.axhline(0, color="black", linewidth=0.5)
+            ax.set(title=ticker, ylabel="log return")
+            ax.legend(loc="upper right", fontsize=8)
 
 
 class ForecasterTask:

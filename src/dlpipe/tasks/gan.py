@@ -17,54 +17,23 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
-from torch import nn
 
 from dlpipe import fid
 from dlpipe.data import load_split, write_json
 from dlpipe.datamodule import make_datamodule
-from dlpipe.serving import log_pyfunc, read_checkpoint, submodule_state
-from dlpipe.serving.gan import GeneratorModel, build_generator, check_image_shape, generate
+from dlpipe.models import create_model, load_checkpoint
+from dlpipe.models.generative import Discriminator, dcgan_init, generate
+from dlpipe.plots import image_grid, save_png, saved_figure
+from dlpipe.serving import log_pyfunc
+from dlpipe.serving.gan import GeneratorModel
 
 GRID = 8  # the per-epoch sample grid is GRID x GRID images of the fixed validation noise
-
-
-class Discriminator(nn.Module):
-    """DCGAN discriminator: images (B, C, H, W) in [-1, 1] -> real/fake logits (B,).
-
-    Two stride-2 convs (LeakyReLU; BatchNorm on the second) halve the resolution twice, and a
-    conv over the whole (H/4, W/4) map gives one logit."""
-
-    def __init__(self, input_shape: Sequence[int], width: int):
-        super().__init__()
-        height, wide, *rest = check_image_shape(input_shape)
-        self.layers = nn.Sequential(
-            nn.Conv2d(rest[0] if rest else 1, width, 4, stride=2, padding=1),
-            nn.LeakyReLU(0.2),
-            nn.Conv2d(width, 2 * width, 4, stride=2, padding=1, bias=False),
-            nn.BatchNorm2d(2 * width),
-            nn.LeakyReLU(0.2),
-            nn.Conv2d(2 * width, 1, (height // 4, wide // 4)),
-        )
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.layers(images).flatten()
 
 
 def to_unit_range(x: torch.Tensor) -> torch.Tensor:
     """uint8 images (B, H, W[, C]) as the data stores them -> float (B, C, H, W) in [-1, 1]."""
     x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
     return x.float() / 127.5 - 1
-
-
-def dcgan_init(module: nn.Module) -> None:
-    """Radford et al. (2016): conv weights ~ N(0, 0.02), BatchNorm scales ~ N(1, 0.02)."""
-    if isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
-        nn.init.normal_(module.weight, 0.0, 0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.BatchNorm2d):
-        nn.init.normal_(module.weight, 1.0, 0.02)
-        nn.init.zeros_(module.bias)
 
 
 class GAN(L.LightningModule):
@@ -88,7 +57,7 @@ class GAN(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["feature_net", "reference"], logger=False)
         self.automatic_optimization = False  # two optimizers, stepped in turn by training_step
-        self.generator = build_generator(model, net)
+        self.generator = create_model(**model, **net)
         self.discriminator = Discriminator(net["input_shape"], model["d_width"])
         self.generator.apply(dcgan_init)
         self.discriminator.apply(dcgan_init)
@@ -149,7 +118,7 @@ class GAN(L.LightningModule):
         if self.trainer.is_global_zero and isinstance(self.logger, MLFlowLogger):
             self.logger.experiment.log_image(
                 self.logger.run_id,
-                Image.fromarray(image_grid(images[: GRID * GRID].cpu().numpy(), GRID)),
+                Image.fromarray(image_grid(images[: GRID * GRID].cpu().numpy(), GRID, frame=True)),
                 artifact_file=f"samples/epoch_{self.current_epoch:03d}.png",
             )
 
@@ -164,54 +133,26 @@ def adam(parameters, opt: Mapping[str, Any]) -> torch.optim.Adam:
     return torch.optim.Adam(parameters, lr=opt["lr"], betas=tuple(opt["betas"]))
 
 
-def image_grid(images: np.ndarray, cols: int, pad: int = 2) -> np.ndarray:
-    """uint8 images (N, H, W[, C]) tiled row by row, `cols` per row, on a black background."""
-    n, height, width = images.shape[:3]
-    rows = -(-n // cols)
-    grid = np.zeros(
-        (rows * (height + pad) + pad, cols * (width + pad) + pad, *images.shape[3:]), np.uint8
-    )
-    for i, image in enumerate(images):
-        top, left = pad + (i // cols) * (height + pad), pad + (i % cols) * (width + pad)
-        grid[top : top + height, left : left + width] = image
-    return grid
-
-
-def save_png(image: np.ndarray, path: Path, scale: int = 3) -> None:
-    """`image` enlarged `scale` times (nearest neighbour, so pixels stay crisp)."""
-    height, width = image.shape[:2]
-    Image.fromarray(image).resize((width * scale, height * scale), Image.Resampling.NEAREST).save(
-        path
-    )
-
-
 def plot_class_histogram(counts: np.ndarray, classes: Sequence[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4))
-    ax.bar(range(len(classes)), counts / counts.sum())
-    ax.axhline(1 / len(classes), color="gray", linestyle="--", label="uniform")
-    ax.set(ylabel="share of generated samples", title="feature classifier's class of each sample")
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def load_generator(checkpoint: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The shippable generator of a GAN checkpoint, in eval mode on the CPU, read without
-    Lightning."""
-    state, hparams = read_checkpoint(checkpoint)
-    generator = build_generator(hparams["model"], hparams["net"])
-    generator.load_state_dict(submodule_state(state, "generator."))
-    return generator.eval(), hparams
+    with saved_figure(path, figsize=(8, 4)) as (_, ax):
+        ax.bar(range(len(classes)), counts / counts.sum())
+        ax.axhline(1 / len(classes), color="gray", linestyle="--", label="uniform")
+        ax.set(
+            ylabel="share of generated samples", title="feature classifier's class of each sample"
+        )
+        ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+        ax.legend()
 
 
 class GanTask:
+    def divergence_hint(self, cfg: DictConfig) -> str:
+        # Two Adam optimizers of its own (optim.lr is unused), and manual optimization, which
+        # Lightning's gradient clipping does not support.
+        return (
+            f"Lower the learning rates (task.generator_optim.lr={cfg.task.generator_optim.lr}, "
+            f"task.discriminator_optim.lr={cfg.task.discriminator_optim.lr})"
+        )
+
     def datamodule(self, cfg: DictConfig, meta: dict[str, Any]) -> L.LightningDataModule:
         return make_datamodule(cfg, meta)  # (x, y) batches; the GAN ignores y
 
@@ -235,7 +176,7 @@ class GanTask:
     def evaluate(
         self, cfg: DictConfig, checkpoint: Path, meta: dict[str, Any], out: Path
     ) -> dict[str, float]:
-        generator, _ = load_generator(checkpoint)
+        generator, _ = load_checkpoint(checkpoint, prefix="generator.")
         feature_net, info = self._feature_net(cfg)
         images = generate(generator, cfg.task.eval_samples, cfg.task.sample_seed).numpy()
         generated, logits = fid.activations(feature_net, images)
@@ -254,7 +195,7 @@ class GanTask:
             },
         )
         plot_class_histogram(counts, classes, out / "class_histogram.png")
-        save_png(image_grid(images[:100], 10), out / "samples.png")
+        save_png(image_grid(images[:100], 10, frame=True), out / "samples.png")
         write_json(out / "feature_net.json", info)
         return {
             "test/fid": fid.frechet_distance(fid.gaussian(generated), test_gaussian),
@@ -266,7 +207,7 @@ class GanTask:
     def log_model(
         self, cfg: DictConfig, checkpoint: Path, meta: dict[str, Any], run_id: str
     ) -> str:
-        generator, hparams = load_generator(checkpoint)
+        generator, hparams = load_checkpoint(checkpoint, prefix="generator.")
         spec = {
             "model": hparams["model"],
             "net": hparams["net"],

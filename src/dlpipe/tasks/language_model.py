@@ -19,9 +19,9 @@ from torch.utils.data import DataLoader, Sampler
 from torchmetrics import MeanMetric
 
 from dlpipe.data import load_array
-from dlpipe.models import create_model
+from dlpipe.models import create_model, load_checkpoint
 from dlpipe.optim import configure_optimizers
-from dlpipe.serving import load_checkpoint, log_pyfunc
+from dlpipe.serving import log_pyfunc
 from dlpipe.serving.language_model import GENERATION_PARAMS, LanguageModel, complete
 from dlpipe.tasks import net_args
 

@@ -20,9 +20,10 @@ from torchmetrics import MeanAbsoluteError, MeanSquaredError
 from dlpipe.data import load_split
 from dlpipe.datamodule import make_datamodule
 from dlpipe.formats import format_module
-from dlpipe.models import create_model
+from dlpipe.models import create_model, load_checkpoint, predict
 from dlpipe.optim import configure_optimizers
-from dlpipe.serving import load_checkpoint, log_pyfunc
+from dlpipe.plots import saved_figure
+from dlpipe.serving import log_pyfunc
 from dlpipe.serving.regressor import RegressorModel
 from dlpipe.tasks import net_args
 
@@ -86,16 +87,9 @@ def regression_module(cfg: DictConfig, meta: dict[str, Any]) -> Regressor:
     )
 
 
-@torch.inference_mode()
-def predict_values(
-    net: torch.nn.Module, x: np.ndarray, target: Mapping[str, Any], batch_size: int = 4096
-) -> np.ndarray:
+def predict_values(net: torch.nn.Module, x: np.ndarray, target: Mapping[str, Any]) -> np.ndarray:
     """The network's predictions for `x`, in the target's original units (float64, (N,))."""
-    net.eval()
-    inputs = torch.from_numpy(x)
-    out = torch.cat(
-        [net(inputs[i : i + batch_size]).float().squeeze(-1) for i in range(0, len(x), batch_size)]
-    )
+    out = predict(net, x, batch_size=4096).squeeze(-1)
     return out.double().numpy() * target["std"] + target["mean"]
 
 
@@ -132,20 +126,12 @@ def write_comparison(path: Path, rows: Mapping[str, Mapping[str, float]]) -> Non
 
 
 def plot_predicted_vs_actual(pred: np.ndarray, actual: np.ndarray, label: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 6))
-    ax.scatter(actual, pred, s=4, alpha=0.3)
-    low, high = min(actual.min(), pred.min()), max(actual.max(), pred.max())
-    ax.plot([low, high], [low, high], color="black", linewidth=1, label="perfect")
-    ax.set(xlabel=f"actual {label}", ylabel=f"predicted {label}", title="test split")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with saved_figure(path, figsize=(6, 6)) as (_, ax):
+        ax.scatter(actual, pred, s=4, alpha=0.3)
+        low, high = min(actual.min(), pred.min()), max(actual.max(), pred.max())
+        ax.plot([low, high], [low, high], color="black", linewidth=1, label="perfect")
+        ax.set(xlabel=f"actual {label}", ylabel=f"predicted {label}", title="test split")
+        ax.legend()
 
 
 class RegressorTask:

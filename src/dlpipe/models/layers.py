@@ -1,0 +1,66 @@
+"""Building blocks every network shares: the input preprocessing layers that make a saved network
+self-contained (`Normalize`, `Standardize`), and activations and norms chosen by name."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+class Normalize(nn.Module):
+    """uint8 (B, H, W) or (B, H, W, C) -> float (B, C, H, W), standardized with training stats."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("scale", 1.0 / (255.0 * torch.tensor(std).view(1, -1, 1, 1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # (B, C, H, W)
+        return (x.float() - 255.0 * self.mean) * self.scale
+
+
+class Standardize(nn.Module):
+    """float (B, ..., F) -> (x - mean) / std per feature, with training-split statistics."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
+        self.register_buffer("scale", 1.0 / torch.tensor(std, dtype=torch.float32).clamp(min=1e-8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() - self.mean) * self.scale
+
+
+_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+
+
+def activation_layer(name: str) -> nn.Module:
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}: choose one of {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]()
+
+
+def norm_layer(kind: str, features: int, *, conv: bool) -> nn.Module:
+    if kind == "none":
+        return nn.Identity()
+    if kind == "batch":
+        return nn.BatchNorm2d(features) if conv else nn.BatchNorm1d(features)
+    if kind == "layer" and not conv:
+        return nn.LayerNorm(features)
+    if kind == "group" and conv:
+        return nn.GroupNorm(math.gcd(8, features), features)
+    allowed = "batch | group | none" if conv else "batch | layer | none"
+    raise ValueError(f"unknown norm {kind!r} for this model: choose {allowed}")
+
+
+class Unsqueeze(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unsqueeze(self.dim)

@@ -1,0 +1,122 @@
+"""The model registry: `model=` names -> builders, and `create_model`, the one way to build any of
+them (for training, for evaluation and inside a served model).
+
+Two kinds of network are registered:
+
+- predictors (`register(name)`) take their inputs exactly as the processed data stores them and
+  answer per sample (or per position); `create_model` puts the input's preprocessing in front of
+  them, so a saved network needs nothing else:
+  - `input_kind="image"`: uint8 images (B, H, W) or (B, H, W, C), standardized with training stats;
+  - `input_kind="features"`: float features (B, ..., F), standardized per feature (mean/std of F);
+  - `input_kind="tokens"`: int token ids (B, L), `pad_id` marking padding.
+  The output is (B, num_classes) logits (or regression outputs), or (B, L, num_classes) per
+  position when `per_step` is set (language models).
+- generative networks (`register(name, generative=True)`) model the images themselves (a DCGAN
+  generator, an autoencoder); they are built from the image shape and their config alone, read
+  their own inputs (noise, raw pixels) and are trained by their own task (gan, autoencoder).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from dlpipe.models.layers import Normalize, Standardize
+
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
+_GENERATIVE: set[str] = set()
+
+INPUT_KINDS = ("image", "features", "tokens")
+
+
+def register(name: str, *, generative: bool = False):
+    """Decorator: `builder` (a function or an nn.Module class) is what `model=<name>` builds.
+
+    A predictor's builder is called with `spec`, `num_classes`, `per_step` and the keys of
+    conf/model/<name>.yaml; a generative one with `spec` and those keys. Raises ValueError if
+    `name` is already registered (two builders for one name: the second would silently win)."""
+
+    def wrap(builder):
+        if name in _BUILDERS:
+            raise ValueError(
+                f"model {name!r} is already registered (by {_BUILDERS[name].__module__}."
+                f"{_BUILDERS[name].__qualname__}): give {builder.__qualname__} another name"
+            )
+        _BUILDERS[name] = builder
+        if generative:
+            _GENERATIVE.add(name)
+        return builder
+
+    return wrap
+
+
+def available_models() -> list[str]:
+    """Every registered `model=` name, sorted."""
+    return sorted(_BUILDERS)
+
+
+def generative_models() -> list[str]:
+    """The registered names of generative networks (built without classes; see the module doc)."""
+    return sorted(_GENERATIVE)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a network is fed: `kind` (one of INPUT_KINDS), the per-sample `shape`, and for
+    tokens the vocabulary size and padding id."""
+
+    kind: str
+    shape: tuple[int, ...]
+    vocab_size: int | None = None
+    pad_id: int = 0
+
+
+def create_model(
+    name: str,
+    *,
+    input_shape: Sequence[int],
+    num_classes: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    input_kind: str = "image",
+    vocab_size: int | None = None,
+    pad_id: int = 0,
+    per_step: bool = False,
+    **kwargs,
+) -> nn.Module:
+    """Build `name`. A predictor comes with its preprocessing in front (raw batch in, logits
+    out) and needs `num_classes`; a generative network takes neither classes nor `per_step`.
+
+    Raises ValueError naming the valid choices for an unknown name or input kind, and for a
+    generative network asked to predict (or a predictor without `num_classes`)."""
+    if name not in _BUILDERS:
+        raise ValueError(
+            f"unknown model {name!r}: choose one of {available_models()} "
+            f"(e.g. model={available_models()[0]})"
+        )
+    if input_kind not in INPUT_KINDS:
+        raise ValueError(f"input_kind={input_kind!r} is not one of {INPUT_KINDS}")
+    if input_kind == "tokens" and not vocab_size:
+        raise ValueError("input_kind='tokens' needs the vocabulary size (vocab_size)")
+    spec = InputSpec(input_kind, tuple(input_shape), vocab_size, pad_id)
+    predictors = sorted(set(_BUILDERS) - _GENERATIVE)
+    if name in _GENERATIVE:
+        if num_classes is not None or per_step:
+            raise ValueError(
+                f"model={name} is a generative network (task=gan trains model=dcgan, "
+                f"task=autoencoder model=autoencoder or vae); it makes no predictions: for this "
+                f"task choose one of {predictors}"
+            )
+        return _BUILDERS[name](spec=spec, **kwargs)
+    if num_classes is None:
+        raise ValueError(f"model={name} needs num_classes (the data's classes, or 1 output)")
+    body = _BUILDERS[name](spec=spec, num_classes=num_classes, per_step=per_step, **kwargs)
+    if input_kind == "image":
+        front: nn.Module = Normalize(mean, std)
+    elif input_kind == "features" and mean is not None:
+        front = Standardize(mean, std)
+    else:
+        front = nn.Identity()
+    return nn.Sequential(front, body)

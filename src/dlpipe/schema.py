@@ -1,0 +1,119 @@
+"""The composed config's types and ranges, checked at each stage's entry (`check_config`), so a
+bad value gets one message naming the key, the value and what is allowed before anything runs
+or is logged. Sections a data format or task owns (`data`, `task`) are checked by their own code;
+this schema covers the keys every run shares and the model sizes. Unknown keys are left to Hydra,
+which already refuses them."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from omegaconf import DictConfig, OmegaConf
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+PositiveInt = Annotated[int, Field(strict=True, gt=0)]
+NonNegativeInt = Annotated[int, Field(strict=True, ge=0)]
+Fraction = Annotated[float, Field(gt=0, lt=1)]
+Probability = Annotated[float, Field(ge=0, lt=1)]
+
+
+class _Section(BaseModel):
+    # extra="allow": a section may carry keys of one model or experiment only.
+    model_config = ConfigDict(extra="allow")
+
+
+class Optim(_Section):
+    name: Literal["sgd", "adam", "adamw"]
+    lr: Annotated[float, Field(gt=0)]
+    weight_decay: Annotated[float, Field(ge=0)]
+    momentum: Probability
+    scheduler: Literal["none", "cosine", "onecycle"]
+    warmup_fraction: Fraction
+
+
+class Train(_Section):
+    batch_size: PositiveInt
+    early_stopping_patience: NonNegativeInt | None  # 0 or null: off
+    divergence_factor: Annotated[float, Field(gt=1)] | None
+    compile: bool
+    use_tuned: bool
+    resume: bool
+    log_every_n_steps: PositiveInt
+    progress_refresh_steps: PositiveInt
+
+
+class Trainer(_Section):
+    max_epochs: PositiveInt
+
+
+class Pruner(_Section):
+    n_startup_trials: NonNegativeInt
+    n_warmup_steps: NonNegativeInt
+
+
+class Tune(_Section):
+    n_trials: PositiveInt
+    max_epochs: PositiveInt
+    timeout_s: Annotated[float, Field(gt=0)] | None
+    direction: Literal["maximize", "minimize"]
+    pruner: Pruner
+
+
+class Model(_Section):
+    """The sizes any registered model may have (each model uses some of them)."""
+
+    name: str
+    width: PositiveInt | None = None
+    depth: PositiveInt | None = None
+    convs_per_stage: PositiveInt | None = None
+    embed_dim: PositiveInt | None = None
+    hidden_size: PositiveInt | None = None
+    num_layers: PositiveInt | None = None
+    d_model: PositiveInt | None = None
+    nhead: PositiveInt | None = None
+    dim_feedforward: PositiveInt | None = None
+    n_layer: PositiveInt | None = None
+    n_head: PositiveInt | None = None
+    n_embd: PositiveInt | None = None
+    latent_dim: PositiveInt | None = None
+    g_width: PositiveInt | None = None
+    d_width: PositiveInt | None = None
+    dropout: Probability | None = None
+    beta: Annotated[float, Field(ge=0)] | None = None
+
+
+class Config(_Section):
+    seed: Annotated[int, Field(strict=True)]
+    optim: Optim
+    train: Train
+    trainer: Trainer
+    tune: Tune
+    model: Model
+
+
+class ConfigError(ValueError):
+    """The composed config has values of the wrong type or range; the message lists each."""
+
+
+def check_config(cfg: DictConfig | dict[str, Any]) -> None:
+    """Raise ConfigError naming every bad key, its value and what is allowed."""
+    tree = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    try:
+        Config.model_validate(tree)
+    except ValidationError as e:
+        lines = []
+        for error in e.errors():
+            key = ".".join(str(part) for part in error["loc"])
+            value = error.get("input")
+            shown = "missing" if error["type"] == "missing" else f"{value!r}"
+            lines.append(f"{key}={shown}: {_allowed(error)}")
+        raise ConfigError(
+            "bad config value(s); fix them as Hydra overrides (e.g. optim.lr=0.001):\n  "
+            + "\n  ".join(lines)
+        ) from None
+
+
+def _allowed(error: dict[str, Any]) -> str:
+    """Pydantic's message in the config's words: bool is not an integer here either."""
+    message = error["msg"]
+    return message.replace("Input should be", "must be").replace("input should be", "must be")

@@ -1,0 +1,92 @@
+"""Every option of every config group composes; `smoke=true` shrinks any composition; and every
+experiment in conf/experiment/ runs all six stages at smoke size and registers a model that loads.
+New options and experiments are picked up by glob: they are tested for free."""
+
+from pathlib import Path
+
+import mlflow
+import pytest
+from omegaconf import OmegaConf
+
+from dlpipe.smoke import sized
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = ("data", "model", "task", "search", "trainer", "experiment")
+
+
+def _options(group: str) -> list[str]:
+    return sorted(path.stem for path in (CONF / group).glob("*.yaml"))
+
+
+def _required(group: str, option: str) -> list[str]:
+    """A value for each mandatory (???) key of the option, e.g. the `path` of the user's data.
+    The config itself says these can't compose without one."""
+    node = OmegaConf.load(CONF / group / f"{option}.yaml")
+    return [f"{group}.{k}=mine" for k in node if OmegaConf.is_missing(node, k)]
+
+
+@pytest.mark.parametrize("smoke", [False, True], ids=["full", "smoke"])
+@pytest.mark.parametrize(
+    "group, option", [(g, o) for g in GROUPS for o in _options(g)], ids=lambda v: v
+)
+def test_every_option_of_every_group_composes_and_resolves(compose_conf, group, option, smoke):
+    cfg = sized(compose_conf(f"{group}={option}", *_required(group, option), f"smoke={smoke}"))
+    resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    assert "tiny" not in resolved and resolved["smoke"] is smoke
+    if smoke:
+        # The common sizes apply to everything; tuning no longer searches what smoke fixed.
+        assert resolved["trainer"]["max_epochs"] == resolved["tune"]["max_epochs"] == 1
+        assert "batch_size" not in resolved["search"].get("train", {})
+
+
+def test_smoke_sizes_win_and_are_themselves_configurable(compose_conf):
+    full = sized(compose_conf("experiment=shakespeare_gpt"))
+    assert (full.model.n_layer, full.data.limit, full.task.steps_per_epoch) == (6, None, 500)
+    tiny = sized(compose_conf("experiment=shakespeare_gpt", "smoke=true"))
+    assert (tiny.model.n_layer, tiny.data.block_size, tiny.task.steps_per_epoch) == (1, 32, 10)
+    assert tiny.model.n_embd % tiny.model.n_head == 0
+    # The experiment's own settings that smoke does not size stay as they are.
+    assert (tiny.optim.lr, tiny.model.dropout) == (full.optim.lr, full.model.dropout)
+    assert set(tiny.search.model) == {"dropout"}  # n_layer and n_embd are fixed at smoke size
+    assert set(tiny.search.optim) == set(full.search.optim)
+    bigger = sized(compose_conf("experiment=shakespeare_gpt", "smoke=true", "tiny.data.limit=5000"))
+    assert bigger.data.limit == 5000
+
+
+def _covered_elsewhere(experiment: str) -> bool:
+    """Whether another test module runs this experiment (with checks of its own served model)."""
+    here = Path(__file__)
+    return any(
+        experiment in path.read_text() for path in here.parent.glob("test_*.py") if path != here
+    )
+
+
+# An experiment that another module already runs end to end is repeated here only under
+# `-m slow`, to keep the default suite fast; a new experiment runs here by default until it has
+# its own end-to-end test.
+EXPERIMENTS = [
+    pytest.param(e, marks=pytest.mark.slow) if _covered_elsewhere(e) else e
+    for e in _options("experiment")
+]
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_runs_all_stages_at_smoke_size(experiment, make_cfg, run_stages, tmp_path):
+    cfg = make_cfg(
+        f"experiment={experiment}", "smoke=true", processed=tmp_path / "data" / "processed"
+    )
+    if cfg.task.name == "gan":  # its feature-net cache, out of the repo's models/
+        cfg.task.feature_net_dir = str(tmp_path / "fid")
+    results = run_stages(cfg)
+
+    assert results["register"]["decision"] == "promoted to champion"
+    name = results["register"]["model_name"]
+    assert name == cfg.register.model_name
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    # It loads, and serves the input example it was logged with.
+    local = mlflow.artifacts.download_artifacts(f"models:/{name}@champion", dst_path=tmp_path)
+    model = mlflow.pyfunc.load_model(local)
+    example = model.metadata.load_input_example(local)
+    assert example is not None
+    params = model.metadata.get_params_schema()
+    model.predict(example, params=params and {p.name: p.default for p in params.params})
