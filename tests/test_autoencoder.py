@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from mlflow.models import validate_serving_input
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 from dlpipe.data import load_meta, load_split
 from dlpipe.models import load_checkpoint
+from dlpipe.smoke import sized
 from dlpipe.tasks.autoencoder import (
     TASK,
     cluster_scores,
@@ -26,7 +28,6 @@ from dlpipe.tasks.autoencoder import (
 )
 
 MODELS = ("autoencoder", "vae")
-TINY = ("model.width=8", "model.latent_dim=6")
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,8 @@ def images(fmnist_processed: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _module(compose_conf, fmnist_processed: Path, model: str) -> L.LightningModule:
-    cfg = compose_conf(f"model={model}", "task=autoencoder", *TINY, "optim.scheduler=none")
+    cfg = sized(compose_conf(f"model={model}", "task=autoencoder", "smoke=true"))
+    cfg.optim.scheduler = "none"
     return TASK.module(cfg, load_meta(fmnist_processed))
 
 
@@ -45,7 +47,8 @@ def test_losses_are_finite_and_shapes_right(compose_conf, fmnist_processed, imag
     module = _module(compose_conf, fmnist_processed, model)
     x = torch.from_numpy(images[0][:16])  # (16, 28, 28) uint8
     logits, mean, logvar = module.net(x)
-    assert logits.shape == (16, 1, 28, 28) and mean.shape == (16, 6)
+    latent_dim = module.hparams.model["latent_dim"]
+    assert logits.shape == (16, 1, 28, 28) and mean.shape == (16, latent_dim)
     assert (logvar is None) == (model == "autoencoder")
     assert module.net.to_images(logits).shape == (16, 28, 28)
     assert module.net.to_images(logits).dtype == torch.uint8
@@ -124,21 +127,11 @@ EXPERIMENTS = {
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_experiment_runs_all_stages_and_ships_an_encoder_decoder(
-    experiment, make_cfg, run_stages, tmp_path
-):
-    cfg = make_cfg(
-        f"experiment={experiment}",
-        *TINY,
-        "data.limit=500",
-        "tune.n_trials=1",
-        "tune.max_epochs=1",
-        "task.kmeans_n_init=1",  # 10 in conf/; one restart keeps this test quick
-        processed=tmp_path / "data" / "processed",
-    )
+def test_experiment_reports_and_ships_an_encoder_decoder(experiment, smoke_run):
+    # All six stages at smoke size, run once per session: see tests/test_smoke.py.
+    cfg, results, champion = smoke_run(experiment)
     name, vae_metrics = EXPERIMENTS[experiment]
     assert cfg.register.model_name == name
-    results = run_stages(cfg)
 
     metrics = results["evaluate"]
     base = {"recon_mse", "recon_bce", "nmi", "ari", "nmi_pixels_baseline", "ari_pixels_baseline"}
@@ -162,28 +155,29 @@ def test_experiment_runs_all_stages_and_ships_an_encoder_decoder(
 
     # The registered model: images -> codes -> images, as docs/autoencoder.md documents.
     assert results["register"]["decision"] == "promoted to champion"
-    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
-    uri = f"models:/{name}@champion"
-    model = mlflow.pyfunc.load_model(uri)
+    model = mlflow.pyfunc.load_model(str(champion))
     x, _ = load_split(cfg.paths.processed, "test")
     codes = model.predict(x[:5])  # mode=encode is the default
-    assert codes.shape == (5, 6) and codes.dtype == np.float32
+    latent_dim = cfg.model.latent_dim
+    assert codes.shape == (5, latent_dim) and codes.dtype == np.float32
     decoded = model.predict(codes, params={"mode": "decode"})
     assert decoded.shape == (5, 28, 28) and decoded.dtype == np.uint8
     net, _ = load_checkpoint(Path(cfg.paths.train) / run["best_checkpoint"])
     assert np.array_equal(decoded, reconstruct(net, x[:5]))  # the evaluated checkpoint
     # The JSON a server gets, parsed as `mlflow models serve` parses it.
     served = validate_serving_input(
-        uri, json.dumps({"inputs": codes.tolist(), "params": {"mode": "decode"}})
+        str(champion), json.dumps({"inputs": codes.tolist(), "params": {"mode": "decode"}})
     )
     assert np.array_equal(served, decoded)
 
     inner = model.unwrap_python_model()
-    with pytest.raises(ValueError, match=r"shape \(N, 28, 28\), got \(5, 20, 28\)"):
+    with pytest.raises(MlflowException, match=r"shape \(N, 28, 28\), got \(5, 20, 28\)"):
         inner.predict(None, x[:5, :20])
-    with pytest.raises(ValueError, match=r"uint8 pixel values"):
+    with pytest.raises(MlflowException, match=r"uint8 pixel values"):
         inner.predict(None, x[:5] / 255.0)
-    with pytest.raises(ValueError, match=r"shape \(N, 6\), got \(5, 7\)"):
-        inner.predict(None, np.zeros((5, 7)), {"mode": "decode"})
-    with pytest.raises(ValueError, match="choose one of"):
+    with pytest.raises(
+        MlflowException, match=rf"shape \(N, {latent_dim}\), got \(5, {latent_dim + 1}\)"
+    ):
+        inner.predict(None, np.zeros((5, latent_dim + 1)), {"mode": "decode"})
+    with pytest.raises(MlflowException, match="choose one of"):
         inner.predict(None, x[:5], {"mode": "sample"})

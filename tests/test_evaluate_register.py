@@ -20,9 +20,11 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
+from PIL import Image
 
 from dlpipe.data import load_meta, load_split
 from dlpipe.evaluate import evaluate
+from dlpipe.formats.images import fit_image
 from dlpipe.models import predict
 from dlpipe.register import register
 from dlpipe.tasks.classifier import Classifier
@@ -156,19 +158,24 @@ def test_champion_pyfunc_predicts_from_raw_images(champion):
     net = Classifier.load_from_checkpoint(best, map_location="cpu").net
     assert np.allclose(probs, predict(net, x).softmax(-1).numpy(), atol=1e-5)
 
-    # Wrong shapes: the model signature rejects them and says what it expects ...
-    with pytest.raises(
-        MlflowException, match=r"\(3, 20, 28\) does not match expected shape \(-1, 28, 28\)"
-    ):
-        model.predict(x[:3, :20])
-    with pytest.raises(MlflowException, match=r"\(28, 28\) does not match expected shape"):
+    # The model owns its input contract (no lossy signature conversion before it): pixels
+    # scaled to [0, 1] are refused with the fix, not cut to 0 and answered with confidence ...
+    with pytest.raises(MlflowException, match=r"scaled to \[0, 1\].*\(x \* 255\)"):
+        model.predict(x[:4] / 255.0)
+    with pytest.raises(MlflowException, match=r"wrap a single image as \[image\]"):
         model.predict(x[0])
-    # ... and so does the model itself, behind any server that skips the signature.
-    inner = model.unwrap_python_model()
-    with pytest.raises(ValueError, match=r"shape \(N, 28, 28\), got \(3, 20, 28\)"):
-        inner.predict(None, x[:3, :20])
-    with pytest.raises(ValueError, match="uint8 pixel values 0-255"):
-        inner.predict(None, x[:3] / 255.0)
+    with pytest.raises(MlflowException, match=r"must be 0-255"):
+        model.predict(x[:2].astype(np.int64) * 2)
+    # ... whole-number floats and ints are the same pixels ...
+    assert np.allclose(model.predict(x[:4].astype(np.float64))[classes], probs[:4], atol=1e-6)
+    # ... and images of another size or colour go through preprocessing's own conversion.
+    rgb_big = np.stack(
+        [np.asarray(Image.fromarray(i).convert("RGB").resize((56, 56))) for i in x[:4]]
+    )
+    again = [fit_image(Image.fromarray(i), (28, 28), 1) for i in rgb_big]
+    assert np.allclose(
+        model.predict(rgb_big)[classes], model.predict(np.stack(again))[classes], atol=1e-6
+    )
 
 
 def _free_port() -> int:
@@ -239,8 +246,15 @@ def test_mlflow_models_serve_answers_invocations(champion, tmp_path):
         classes = load_meta(cfg.paths.processed)["classes"]
         assert np.allclose([[row[c] for c in classes] for row in served], local[classes], atol=1e-6)
 
-        status, body = _post(f"{url}/invocations", {"inputs": x[:2, :20].tolist()})
-        assert status == 400 and "does not match expected shape" in body["message"]
+        # Pixels scaled to [0, 1] are refused in one line naming the fix, not cut to 0 and
+        # answered "Sneaker" with confidence. (MLflow's server puts its own "Failed to predict
+        # data '<input, abridged>'" line before the model's error.)
+        status, body = _post(f"{url}/invocations", {"inputs": (x[:4] / 255.0).tolist()})
+        error = body["message"].rsplit("Error: ", 1)[-1]
+        assert status == 400 and "(x * 255)" in error
+        assert "\n" not in error and len(error) < 300
+        status, body = _post(f"{url}/invocations", {"inputs": []})
+        assert status == 400 and "expected raw pixel values" in body["message"]
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from mlflow.exceptions import MlflowException
 from scipy import linalg
 
 from dlpipe import fid
@@ -19,6 +20,7 @@ from dlpipe.datamodule import TensorDataModule
 from dlpipe.models.generative import generate, to_uint8
 from dlpipe.tasks.gan import GAN, to_unit_range
 
+# The unit tests' networks, built without Hydra; the feature net learns (lr, batch size).
 TINY_NET = {"channels": [4, 8], "features": 16, "epochs": 1, "batch_size": 128, "lr": 3e-3}
 TINY_GAN = {"name": "dcgan", "latent_dim": 8, "g_width": 8, "d_width": 8}
 ADAM = {"lr": 2e-4, "betas": [0.5, 0.999]}
@@ -177,24 +179,9 @@ def test_feature_net_is_seeded_cached_and_keyed_by_its_config(fmnist_processed, 
     assert fid.cache_key(config, sha | {"train_x.npy": "0" * 64}) != info["key"]
 
 
-def test_fmnist_dcgan_all_stages_and_the_registered_generator(make_cfg, run_stages, tmp_path):
-    cfg = make_cfg(
-        "experiment=fmnist_dcgan",
-        "data.limit=500",
-        "model.latent_dim=8",
-        "model.g_width=8",
-        "model.d_width=8",
-        "train.batch_size=64",
-        "tune.n_trials=1",
-        "tune.max_epochs=1",
-        "task.fid_samples=64",
-        "task.eval_samples=200",
-        *(f"task.feature_net.{k}={json.dumps(v).replace(' ', '')}" for k, v in TINY_NET.items()),
-        f"task.feature_net_dir={tmp_path / 'fid'}",
-        processed=tmp_path / "data" / "processed",
-    )
-    results = run_stages(cfg)
-
+def test_fmnist_dcgan_reports_and_the_registered_generator(smoke_run):
+    # All six stages at smoke size, run once per session: see tests/test_smoke.py.
+    cfg, results, champion = smoke_run("fmnist_dcgan")
     assert results["train"]["monitor"] == "val/fid" and results["train"]["best_score"] > 0
     metrics = results["evaluate"]
     assert set(metrics) == {"test/fid", "test/fid_floor", "test/class_entropy_ratio"}
@@ -202,22 +189,22 @@ def test_fmnist_dcgan_all_stages_and_the_registered_generator(make_cfg, run_stag
     assert 0 <= metrics["test/class_entropy_ratio"] <= 1
     files = Path(cfg.paths.reports) / "evaluate" / "files"
     histogram = json.loads((files / "class_histogram.json").read_text())
-    assert sum(v["count"] for v in histogram.values()) == 200
+    assert sum(v["count"] for v in histogram.values()) == cfg.task.eval_samples
     for name in ("class_histogram.png", "samples.png"):
         assert (files / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(list((tmp_path / "fid").glob("*.pt"))) == 1  # trained once, reused by every stage
+    # Trained once, reused by every stage.
+    assert len(list(Path(cfg.task.feature_net_dir).glob("*.pt"))) == 1
 
     client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
     grids = client.list_artifacts(results["train"]["run_id"], "samples")
     assert [a.path for a in grids] == ["samples/epoch_000.png"]
 
     assert results["register"]["model_name"] == "fashion_mnist-gan"
-    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
-    model = mlflow.pyfunc.load_model("models:/fashion_mnist-gan@champion")
+    model = mlflow.pyfunc.load_model(str(champion))
     images = model.predict(pd.DataFrame({"n": [3, 2], "seed": [7, 8]}))
     assert images.shape == (5, 28, 28) and images.dtype == np.uint8
     again = model.predict(pd.DataFrame({"n": [3], "seed": [7]}))
     assert np.array_equal(again, images[:3])
     assert not np.array_equal(model.predict(pd.DataFrame({"n": [3], "seed": [9]})), again)
-    with pytest.raises(ValueError, match="must be an integer in 1..10000"):
+    with pytest.raises(MlflowException, match="must be an integer in 1..10000"):
         model.unwrap_python_model().predict(None, pd.DataFrame({"n": [0], "seed": [1]}))

@@ -122,3 +122,26 @@ def test_dvc_deps_are_what_the_stage_imports(stage):
             in_folder = {p.relative_to(ROOT).as_posix() for p in (ROOT / d).rglob("*.py")}
             assert in_folder <= files, f"{stage}: {d} holds {sorted(in_folder - files)} unused"
     assert f"pipelines/{stage}.py" in deps
+
+
+def test_every_torch_load_says_weights_only():
+    """torch.load unpickles arbitrary code unless weights_only=True; relying on torch's current
+    default is relying on something that has changed before."""
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "load"
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "torch"
+                and not any(
+                    k.arg == "weights_only"
+                    and isinstance(k.value, ast.Constant)
+                    and k.value.value is True
+                    for k in node.keywords
+                )
+            ):
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not offenders, f"torch.load without weights_only=True: {offenders}"

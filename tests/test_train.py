@@ -10,9 +10,10 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
+from dlpipe.callbacks import DivergedError
 from dlpipe.data import load_meta
 from dlpipe.tasks.classifier import Classifier
-from dlpipe.train import NonFiniteLossError, to_dict, train
+from dlpipe.train import to_dict, train
 
 # A setup that learns within an epoch or two on 1600 samples (the default onecycle schedule
 # barely leaves warm-up in 13 steps).
@@ -91,7 +92,7 @@ def test_same_seed_same_metrics(make_cfg):
 
 def test_diverging_run_fails_and_names_the_fix(make_cfg):
     cfg = make_cfg("model=mlp", "optim.name=sgd", "optim.lr=1e12")
-    with pytest.raises(NonFiniteLossError, match=r"optim\.lr=1000000000000\.0"):
+    with pytest.raises(DivergedError, match=r"optim\.lr=1000000000000\.0"):
         train(cfg)
     client = MlflowClient(cfg.mlflow.tracking_uri)
     (run,) = client.search_runs(

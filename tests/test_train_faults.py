@@ -14,7 +14,8 @@ import pytest
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
-from dlpipe.train import DivergedError, train
+from dlpipe.callbacks import DivergedError
+from dlpipe.train import train
 
 LEARNS = ("model=mlp", "optim.scheduler=none", "optim.lr=0.03", "train.batch_size=128")
 WORKER = """

@@ -27,10 +27,11 @@ from omegaconf import DictConfig
 from optuna.trial import FrozenTrial, TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
+from dlpipe.callbacks import DivergedError
 from dlpipe.data import write_json
 from dlpipe.schema import check_config
 from dlpipe.tracking import setup_mlflow
-from dlpipe.train import NonFiniteLossError, fit, to_dict, with_overrides
+from dlpipe.train import fit, to_dict, with_overrides
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +202,7 @@ def tune(cfg: DictConfig) -> dict[str, Any]:
         except optuna.TrialPruned:
             _mark_child(client, parent_id, trial.number, "pruned")
             raise
-        except NonFiniteLossError:
+        except DivergedError:
             # The user's failure (the config diverges): it counts against the budget.
             trial.set_user_attr("outcome", "diverged")
             _mark_child(client, parent_id, trial.number, "diverged")
@@ -225,7 +226,7 @@ def tune(cfg: DictConfig) -> dict[str, Any]:
             n_trials=remaining,
             timeout=cfg.tune.timeout_s,
             callbacks=[stop_at_budget],
-            catch=(NonFiniteLossError,),  # a diverged trial fails; the study goes on
+            catch=(DivergedError,),  # a diverged trial fails; the study goes on
             gc_after_trial=True,
         )
     else:

@@ -214,6 +214,14 @@ def _read_image_folder(data: Mapping, manifest: Mapping) -> tuple[np.ndarray, np
     return x, y
 
 
+def fit_image(img: Image.Image, size: tuple[int, int], channels: int) -> np.ndarray:
+    """`img` as the network takes it: converted to grayscale (channels=1) or RGB and resized
+    bilinearly to `size` = (H, W); uint8 (H, W) or (H, W, 3). Preprocessing and the served
+    model both call this, so a served image goes through exactly what training images did."""
+    img = img.convert("L" if channels == 1 else "RGB")
+    return np.asarray(img.resize(size[::-1], Image.Resampling.BILINEAR))
+
+
 def decode_image(
     blob: bytes, size: tuple[int, int], channels: int, max_pixels: int, source: str
 ) -> np.ndarray:
@@ -234,8 +242,7 @@ def decode_image(
                         "raise data.max_pixels if you have the memory"
                     )
                 # exif_transpose: phone JPEGs store rotation as a tag, not in the pixels.
-                img = ImageOps.exif_transpose(img).convert("L" if channels == 1 else "RGB")
-                return np.asarray(img.resize(size[::-1], Image.Resampling.BILINEAR))
+                return fit_image(ImageOps.exif_transpose(img), size, channels)
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         raise DataError(
             f"{source} can't be decoded ({e}): replace or delete it, then re-run collect"
@@ -244,7 +251,11 @@ def decode_image(
 
 # --- serving ---------------------------------------------------------------------------------
 
-INPUT_DOC = "uint8 array (N, *input_shape), e.g. (N, 28, 28) for Fashion-MNIST"
+INPUT_DOC = (
+    "raw pixel values 0-255 (uint8, or whole-number ints/floats) as an array (N, H, W) or "
+    "(N, H, W, C) with C = 1, 3 or 4; other sizes and colours are converted as in "
+    "preprocessing, e.g. (N, 28, 28) for Fashion-MNIST"
+)
 
 
 def serving_files(processed_dir: Path) -> dict[str, str]:
@@ -257,16 +268,50 @@ def example_input(processed_dir: Path, n: int = 2) -> np.ndarray:
 
 
 class Adapter:
-    """Checks raw uint8 images (N, *input_shape) and hands them to the network as they are."""
+    """Raw images (see INPUT_DOC) -> uint8 (N, *input_shape), checked. Images of another size
+    or colour mode go through `fit_image`, as the training images did; pixels scaled to
+    [0, 1] or outside 0-255 are refused with the fix, never cast silently."""
 
     def __init__(self, spec: dict[str, Any], files: dict[str, str]):
-        self.shape = tuple(spec["net"]["input_shape"])
+        self.shape = tuple(spec["net"]["input_shape"])  # (H, W) or (H, W, C)
+        self.channels = self.shape[2] if len(self.shape) == 3 else 1
 
     def __call__(self, model_input: Any) -> torch.Tensor:
         x = np.asarray(model_input)
+        if x.dtype == object or not (
+            np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)
+        ):
+            raise ValueError(f"expected numeric pixel arrays, got {x.dtype}: send {INPUT_DOC}")
+        if x.ndim not in (3, 4) or len(x) == 0 or (x.ndim == 4 and x.shape[3] not in (1, 3, 4)):
+            hint = "; wrap a single image as [image]" if x.ndim == 2 else ""
+            raise ValueError(f"expected {INPUT_DOC}; got shape {x.shape}{hint}")
+        x = self._pixels(x)
         if x.shape[1:] != self.shape:
-            shape = ", ".join(map(str, self.shape))
-            raise ValueError(f"expected raw images of shape (N, {shape}), got {x.shape}")
-        if not np.issubdtype(x.dtype, np.integer) or x.min(initial=0) < 0 or x.max(initial=0) > 255:
-            raise ValueError("expected uint8 pixel values 0-255 (raw images, not normalized)")
-        return torch.from_numpy(x.astype(np.uint8))
+            size = self.shape[:2]
+            x = np.stack([fit_image(Image.fromarray(_squeezed(image)), size, self.channels)
+                          for image in x])  # fmt: skip
+        return torch.from_numpy(x)
+
+    @staticmethod
+    def _pixels(x: np.ndarray) -> np.ndarray:
+        low, high = (x.min(), x.max()) if x.size else (0, 0)
+        if np.issubdtype(x.dtype, np.floating):
+            if not np.isfinite(x).all():
+                raise ValueError("pixel values must be finite numbers 0-255, got NaN or inf")
+            if (x != np.round(x)).any():
+                if low >= 0 and high <= 1:
+                    raise ValueError(
+                        "pixel values look scaled to [0, 1]; the model takes raw values 0-255: "
+                        "send (x * 255).round().astype('uint8')"
+                    )
+                raise ValueError("pixel values must be whole numbers 0-255 (raw, not normalized)")
+        if low < 0 or high > 255:
+            raise ValueError(
+                f"pixel values must be 0-255 (raw, not normalized), got {low:g}..{high:g}"
+            )
+        return x.astype(np.uint8)
+
+
+def _squeezed(image: np.ndarray) -> np.ndarray:
+    """(H, W, 1) as (H, W): the form PIL reads as grayscale."""
+    return image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image

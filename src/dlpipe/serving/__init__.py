@@ -10,6 +10,7 @@ plus any files of the data format (a tokenizer, a fitted table transform).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import tempfile
@@ -21,7 +22,9 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature, infer_signature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 import dlpipe
 from dlpipe.formats import format_module
@@ -41,8 +44,25 @@ def load_artifacts(
     with open(context.artifacts["spec"]) as f:
         spec = json.load(f)
     net = (build or build_net)(spec["model"], spec["net"])
-    net.load_state_dict(torch.load(context.artifacts["weights"], map_location="cpu"))
+    net.load_state_dict(
+        torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
+    )
     return spec, net.eval()
+
+
+def input_contract(predict: Callable) -> Callable:
+    """Decorates a pyfunc's `predict`: an input the model refuses (its adapter's ValueError or
+    TypeError, which names the expected form) becomes an MlflowException with
+    INVALID_PARAMETER_VALUE, so /invocations answers HTTP 400 with that one line."""
+
+    @functools.wraps(predict)
+    def checked(self, context, model_input, params=None):
+        try:
+            return predict(self, context, model_input, params)
+        except (ValueError, TypeError) as e:
+            raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from e
+
+    return checked
 
 
 class AdaptedModel(mlflow.pyfunc.PythonModel):
@@ -79,13 +99,18 @@ def log_pyfunc(
     params: Mapping[str, Any] | None = None,
     extra_requirements: tuple[str, ...] = (),
     signature: ModelSignature | None = None,
+    input_doc: str | None = None,
 ) -> str:
     """Log `python_model` (a class defined in a dlpipe/serving file ending in set_model) with
     its spec, weights and extra `files` as artifacts on `run_id`; returns the model URI.
 
-    The signature is inferred from `example` and the model's own prediction on it, with
-    `params` (inference parameters and their defaults) when the model takes any, unless the
-    task passes its own `signature`."""
+    The signature declares the outputs (inferred from the model's own prediction on `example`)
+    and `params` (inference parameters and their defaults), but no input schema: MLflow would
+    convert inputs to it before the model sees them, and its conversions are lossy (floats cut
+    to uint8 pixels or to integer columns) or refuse what the model takes (an int column where
+    the examples held floats). The input contract is the model's own adapter, which checks what
+    it is given and names the expected form; `input_doc` (default: the model class's
+    docstring) describes it in the model's metadata. A task may pass its own `signature`."""
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "spec.json").write_text(json.dumps(spec, indent=2))
         torch.save(dict(weights), Path(tmp) / "weights.pt")
@@ -93,6 +118,7 @@ def log_pyfunc(
         loaded = python_model()  # only to compute the output side of the signature
         loaded.load_context(mlflow.pyfunc.PythonModelContext(artifacts, None))
         output = loaded.predict(None, example, dict(params) if params else None)
+        inferred = infer_signature(example, output, params=dict(params) if params else None)
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="model",
@@ -100,7 +126,8 @@ def log_pyfunc(
                 artifacts=artifacts,
                 code_paths=[str(Path(dlpipe.__file__).parent)],
                 signature=signature
-                or infer_signature(example, output, params=dict(params) if params else None),
+                or ModelSignature(inputs=None, outputs=inferred.outputs, params=inferred.params),
+                metadata={"input": input_doc or inspect.getdoc(python_model)},
                 input_example=(example, dict(params)) if params else example,
                 pip_requirements=pip_requirements(*extra_requirements),
             )

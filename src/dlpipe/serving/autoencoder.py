@@ -13,7 +13,7 @@ import mlflow.pyfunc
 import numpy as np
 import torch
 
-from dlpipe.serving import load_artifacts
+from dlpipe.serving import input_contract, load_artifacts
 
 MODES = ("encode", "decode")
 
@@ -26,6 +26,7 @@ class AutoencoderModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         self.spec, self.net = load_artifacts(context)
 
+    @input_contract
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> np.ndarray:
         mode = (params or {}).get("mode", "encode")
         with torch.inference_mode():

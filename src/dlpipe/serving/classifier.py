@@ -8,7 +8,7 @@ from typing import Any
 import mlflow.models
 import pandas as pd
 
-from dlpipe.serving import AdaptedModel
+from dlpipe.serving import AdaptedModel, input_contract
 
 
 class ClassifierModel(AdaptedModel):
@@ -16,6 +16,7 @@ class ClassifierModel(AdaptedModel):
     Fashion-MNIST), as `{"inputs": [...]}` at /invocations. Output: one row per input with
     `label` (the most probable class name) and one probability column per class."""
 
+    @input_contract
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
         probs = self.outputs(model_input).softmax(-1).numpy()
         classes = self.spec["classes"]

@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 
 from dlpipe.formats.stocks import latest_windows
-from dlpipe.serving import load_artifacts
+from dlpipe.serving import input_contract, load_artifacts
 
 
 class ForecasterModel(mlflow.pyfunc.PythonModel):
@@ -25,6 +25,7 @@ class ForecasterModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         self.spec, self.net = load_artifacts(context)
 
+    @input_contract
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
         x, last = latest_windows(model_input, self.spec["window"])
         with torch.inference_mode():

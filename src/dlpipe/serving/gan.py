@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from dlpipe.models.generative import generate
-from dlpipe.serving import load_artifacts
+from dlpipe.serving import input_contract, load_artifacts
 
 MAX_SAMPLES = 10_000  # per request row: bounds the memory one request can take on a server
 
@@ -24,6 +24,7 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         self.spec, self.generator = load_artifacts(context)
 
+    @input_contract
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> np.ndarray:
         requests = pd.DataFrame(model_input)
         if not {"n", "seed"} <= set(requests.columns) or requests.empty:

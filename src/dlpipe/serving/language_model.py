@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dlpipe.serving import load_artifacts
+from dlpipe.serving import input_contract, load_artifacts
 
 # Inference params and their defaults (the signature records them; callers override per request).
 GENERATION_PARAMS = {"max_new_tokens": 200, "temperature": 0.8, "top_k": 0, "seed": 0}
@@ -136,6 +136,7 @@ class LanguageModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         self.spec, self.net = load_artifacts(context)
 
+    @input_contract
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
         prompts = prompts_of(model_input)
         settings = generation_params(params)

@@ -9,7 +9,7 @@ from typing import Any
 import mlflow.models
 import pandas as pd
 
-from dlpipe.serving import AdaptedModel
+from dlpipe.serving import AdaptedModel, input_contract
 
 
 class RegressorModel(AdaptedModel):
@@ -17,6 +17,7 @@ class RegressorModel(AdaptedModel):
     missing values allowed). Output: one row per input with `prediction`, in the target's units
     (the network predicts the standardized target; the training mean/std undo that)."""
 
+    @input_contract
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
         out = self.outputs(model_input).double().squeeze(-1).numpy()
         target = self.spec["target"]

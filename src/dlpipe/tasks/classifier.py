@@ -206,6 +206,7 @@ class ClassifierTask:
             spec,
             net.state_dict(),
             fmt.example_input(Path(cfg.paths.processed)),
+            input_doc=fmt.INPUT_DOC,
             files=fmt.serving_files(Path(cfg.paths.processed)),
         )
 

@@ -91,7 +91,7 @@ class GAN(L.LightningModule):
             self.manual_backward(g_loss)
             opt_g.step()
 
-        # Epoch aggregates only; train/loss (both losses) is what FailOnNonFinite watches.
+        # Epoch aggregates only; train/loss (both losses) is what FailOnDivergence watches.
         metrics = {
             "train/loss": d_loss.detach() + g_loss.detach(),
             "train/d_loss": d_loss.detach(),

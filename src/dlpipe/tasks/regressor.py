@@ -210,6 +210,7 @@ def log_regression_model(
         spec,
         net.state_dict(),
         fmt.example_input(processed),
+        input_doc=fmt.INPUT_DOC,
         files=fmt.serving_files(processed),
         extra_requirements=extra_requirements,
     )
