@@ -125,9 +125,29 @@ def save_arrays(out_dir: Path, arrays: Mapping[str, np.ndarray]) -> dict[str, st
     }
 
 
-def write_meta(out_dir: Path, meta: Mapping) -> None:
-    """meta.json goes last: its presence means every array beside it is complete."""
+def write_meta(
+    out_dir: Path,
+    fields: Mapping[str, Any],
+    data: Mapping,
+    raw_dir: Path,
+    manifest: Mapping,
+    seed: int,
+    sha256: Mapping[str, str],
+) -> dict[str, Any]:
+    """Write and return a processed dataset's meta.json: the format's own `fields` (shapes,
+    classes, statistics...) plus what every one carries: `name`, `format`, the split `seed`,
+    the raw files' and the arrays' sha256 (tracking tags pin each run to them). It goes last:
+    its presence means every array beside it is complete."""
+    meta = {
+        "name": data["name"],
+        "format": data["format"],
+        **fields,
+        "seed": seed,
+        "raw_sha256": raw_sha256(raw_dir, manifest),
+        "sha256": dict(sha256),
+    }
     write_atomic(Path(out_dir) / META, [json.dumps(meta, indent=2).encode()])
+    return meta
 
 
 def load_array(processed_dir: Path, name: str) -> np.ndarray:

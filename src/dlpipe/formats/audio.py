@@ -29,7 +29,6 @@ from dlpipe.data import (
     fraction_count,
     load_array,
     members_digest,
-    raw_sha256,
     save_arrays,
     stratified_split,
     write_atomic,
@@ -198,8 +197,6 @@ def preprocess(data: Mapping, raw_dir: Path, out_dir: Path, seed: int) -> dict:
 
     x_train = arrays["train_x"].reshape(-1, options["n_mels"]).astype(np.float64)
     meta = {
-        "name": data["name"],
-        "format": data["format"],
         "classes": CLASSES,
         "num_classes": len(CLASSES),
         "input_shape": list(arrays["train_x"].shape[1:]),
@@ -210,11 +207,8 @@ def preprocess(data: Mapping, raw_dir: Path, out_dir: Path, seed: int) -> dict:
         "test_speaker": data.get("test_speaker"),
         "features": options,
         "sizes": {split: len(idx) for split, idx in splits.items()},
-        "seed": seed,
-        "raw_sha256": raw_sha256(raw_dir, manifest),
-        "sha256": sha256,
     }
-    write_meta(out_dir, meta)
+    meta = write_meta(out_dir, meta, data, raw_dir, manifest, seed, sha256)
     log.info(
         "preprocessed %s: sizes %s, log-mel %s in %.2fs -> %s",
         data["name"],

@@ -24,7 +24,6 @@ from dlpipe.data import (
     check_limit,
     checked_manifest,
     decode_text,
-    raw_sha256,
     read_verified,
     save_arrays,
     source_of,
@@ -98,8 +97,6 @@ def preprocess(data: Mapping, raw_dir: Path, out_dir: Path, seed: int) -> dict:
 
     sha = save_arrays(out_dir, {f"{split}_x": ids for split, ids in streams.items()})
     meta = {
-        "name": data["name"],
-        "format": data["format"],
         "input_shape": [block_size],
         "input_kind": "tokens",
         "mean": None,
@@ -114,11 +111,8 @@ def preprocess(data: Mapping, raw_dir: Path, out_dir: Path, seed: int) -> dict:
         },
         "unseen_dropped": dropped,
         "sizes": {split: len(ids) for split, ids in streams.items()},
-        "seed": seed,
-        "raw_sha256": raw_sha256(raw_dir, manifest),
-        "sha256": sha,
     }
-    write_meta(out_dir, meta)
+    meta = write_meta(out_dir, meta, data, raw_dir, manifest, seed, sha)
     log.info(
         "preprocessed %s: %d chars, vocabulary %d, sizes %s -> %s",
         data["name"],

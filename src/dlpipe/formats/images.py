@@ -32,7 +32,6 @@ from dlpipe.data import (
     fraction_count,
     image_root,
     load_split,
-    raw_sha256,
     read_verified,
     save_arrays,
     stratified_split,
@@ -89,8 +88,6 @@ def preprocess(data: Mapping, raw_dir: Path, out_dir: Path, seed: int) -> dict:
     x_train = splits["train"][0]
     mean, std = channel_stats(x_train)
     meta = {
-        "name": data["name"],
-        "format": fmt,
         "input_kind": "image",
         "classes": classes,
         "input_shape": list(x_train.shape[1:]),
@@ -98,11 +95,8 @@ def preprocess(data: Mapping, raw_dir: Path, out_dir: Path, seed: int) -> dict:
         "mean": mean,
         "std": std,
         "sizes": {split: len(ys) for split, (_, ys) in splits.items()},
-        "seed": seed,
-        "raw_sha256": raw_sha256(raw_dir, manifest),
-        "sha256": sha256,
     }
-    write_meta(out_dir, meta)
+    meta = write_meta(out_dir, meta, data, raw_dir, manifest, seed, sha256)
     log.info(
         "preprocessed %s: sizes %s, input_shape %s, mean %s, std %s in %.2fs -> %s",
         data["name"],

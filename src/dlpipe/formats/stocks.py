@@ -29,7 +29,6 @@ from dlpipe.data import (
     DataError,
     check_fraction,
     checked_manifest,
-    raw_sha256,
     read_verified,
     save_arrays,
     write_atomic,
@@ -95,8 +94,6 @@ def preprocess(data: Mapping, raw_dir: Path, out_dir: Path, seed: int) -> dict:
     )
     train_y = arrays["train_y"].astype(np.float64)
     meta = {
-        "name": data["name"],
-        "format": data["format"],
         "input_shape": [window, len(FEATURES)],
         "input_kind": "features",
         "mean": train_rows.mean(axis=0).tolist(),
@@ -115,11 +112,8 @@ def preprocess(data: Mapping, raw_dir: Path, out_dir: Path, seed: int) -> dict:
             "test": [str(test_start), str(dates[-1] + 1)],
         },
         "sizes": sizes,
-        "seed": seed,
-        "raw_sha256": raw_sha256(raw_dir, manifest),
-        "sha256": sha256,
     }
-    write_meta(out_dir, meta)
+    meta = write_meta(out_dir, meta, data, raw_dir, manifest, seed, sha256)
     log.info(
         "preprocessed %s: %d tickers, window %d, periods %s, sizes %s in %.2fs -> %s",
         data["name"],

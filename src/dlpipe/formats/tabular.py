@@ -36,7 +36,6 @@ from dlpipe.data import (
     check_unique_members,
     checked_manifest,
     decode_text,
-    raw_sha256,
     read_verified,
     save_arrays,
     source_of,
@@ -97,8 +96,6 @@ def preprocess(data: Mapping, raw_dir: Path, out_dir: Path, seed: int) -> dict:
 
     numeric, categorical = columns_of(transform)
     meta = {
-        "name": data["name"],
-        "format": data["format"],
         "input_shape": [arrays["train_x"].shape[1]],
         "input_kind": "features",
         "mean": None,  # the transform already standardizes
@@ -107,16 +104,13 @@ def preprocess(data: Mapping, raw_dir: Path, out_dir: Path, seed: int) -> dict:
         "features": transform.get_feature_names_out().tolist(),
         "target_kind": kind,
         "sizes": {split: len(idx) for split, idx in splits.items()},
-        "seed": seed,
-        "raw_sha256": raw_sha256(raw_dir, manifest),
-        "sha256": sha256,
     }
     if kind == "classification":
         meta |= {"classes": classes, "num_classes": len(classes)}
     else:
         train_y = y[splits["train"]]
         meta["target"] = {"name": target, "mean": float(train_y.mean()), "std": _std(train_y)}
-    write_meta(out_dir, meta)
+    meta = write_meta(out_dir, meta, data, raw_dir, manifest, seed, sha256)
     log.info(
         "preprocessed %s (%s of %r): sizes %s, %d features in %.2fs -> %s",
         data["name"],

@@ -31,7 +31,6 @@ from dlpipe.data import (
     decode_text,
     fraction_count,
     load_array,
-    raw_sha256,
     read_verified,
     save_arrays,
     source_of,
@@ -103,8 +102,6 @@ def preprocess(data: Mapping, raw_dir: Path, out_dir: Path, seed: int) -> dict:
     sha256 = save_arrays(out_dir, arrays)
     sha256[TOKENIZER] = write_atomic(out_dir / TOKENIZER, [tokenizer.to_str(pretty=True).encode()])
     meta = {
-        "name": data["name"],
-        "format": data["format"],
         "classes": classes,
         "num_classes": len(classes),
         "input_kind": "tokens",
@@ -119,11 +116,8 @@ def preprocess(data: Mapping, raw_dir: Path, out_dir: Path, seed: int) -> dict:
         "lowercase": data["lowercase"],
         "truncated": truncated,  # texts of max_len tokens or more (cut at max_len)
         "sizes": {split: len(ys) for split, (_, ys) in splits.items()},
-        "seed": seed,
-        "raw_sha256": raw_sha256(raw_dir, manifest),
-        "sha256": sha256,
     }
-    write_meta(out_dir, meta)
+    meta = write_meta(out_dir, meta, data, raw_dir, manifest, seed, sha256)
     log.info(
         "preprocessed %s: sizes %s, classes %s, vocabulary %d, max_len %d (train texts cut: %d) "
         "in %.2fs -> %s",

@@ -28,7 +28,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 import dlpipe
 from dlpipe.formats import format_module
-from dlpipe.models import build_net
+from dlpipe.models import build_net, load_checkpoint
 
 
 def load_artifacts(
@@ -132,3 +132,39 @@ def log_pyfunc(
                 pip_requirements=pip_requirements(*extra_requirements),
             )
     return info.model_uri
+
+
+def log_adapted_model(
+    processed_dir: Path,
+    checkpoint: Path,
+    meta: Mapping[str, Any],
+    run_id: str,
+    python_model: type[AdaptedModel],
+    fields: Mapping[str, Any] | None = None,
+    hparam_fields: tuple[str, ...] = (),
+    extra_requirements: tuple[str, ...] = (),
+) -> str:
+    """Log the network of a task checkpoint as an `AdaptedModel` pyfunc fed by its data
+    format's adapter: spec = the network's config, the format, `fields` and the checkpoint's
+    `hparam_fields` (e.g. the target's training statistics); the format's example input and
+    serving files go with it. Returns the model URI."""
+    net, hparams = load_checkpoint(checkpoint)
+    fmt = format_module(meta["format"])
+    spec = {
+        "model": hparams["model"],
+        "net": hparams["net"],
+        **{key: hparams[key] for key in hparam_fields},
+        **(fields or {}),
+        "format": meta["format"],
+        "input": fmt.INPUT_DOC,
+    }
+    return log_pyfunc(
+        run_id,
+        python_model,
+        spec,
+        net.state_dict(),
+        fmt.example_input(Path(processed_dir)),
+        input_doc=fmt.INPUT_DOC,
+        files=fmt.serving_files(Path(processed_dir)),
+        extra_requirements=extra_requirements,
+    )

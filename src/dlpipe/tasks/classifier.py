@@ -27,11 +27,10 @@ from torchmetrics.functional.classification import (
 
 from dlpipe.data import load_split, write_json
 from dlpipe.datamodule import make_datamodule
-from dlpipe.formats import format_module
 from dlpipe.models import create_model, load_checkpoint, predict
 from dlpipe.optim import configure_optimizers
 from dlpipe.plots import saved_figure
-from dlpipe.serving import log_pyfunc
+from dlpipe.serving import log_adapted_model
 from dlpipe.serving.classifier import ClassifierModel
 from dlpipe.tasks import net_args
 
@@ -191,23 +190,9 @@ class ClassifierTask:
     def log_model(
         self, cfg: DictConfig, checkpoint: Path, meta: dict[str, Any], run_id: str
     ) -> str:
-        net, hparams = load_checkpoint(checkpoint)
-        fmt = format_module(meta["format"])
-        spec = {
-            "model": hparams["model"],
-            "net": hparams["net"],
-            "classes": list(meta["classes"]),
-            "format": meta["format"],
-            "input": fmt.INPUT_DOC,
-        }
-        return log_pyfunc(
-            run_id,
-            ClassifierModel,
-            spec,
-            net.state_dict(),
-            fmt.example_input(Path(cfg.paths.processed)),
-            input_doc=fmt.INPUT_DOC,
-            files=fmt.serving_files(Path(cfg.paths.processed)),
+        fields = {"classes": list(meta["classes"])}
+        return log_adapted_model(
+            cfg.paths.processed, checkpoint, meta, run_id, ClassifierModel, fields
         )
 
 

@@ -13,15 +13,14 @@ import lightning as L
 import numpy as np
 from omegaconf import DictConfig
 
-from dlpipe.data import load_array, load_split
+from dlpipe.data import load_array
 from dlpipe.datamodule import make_datamodule
 from dlpipe.formats.stocks import FEATURES
-from dlpipe.models import load_checkpoint
 from dlpipe.plots import saved_figure
 from dlpipe.serving.forecaster import ForecasterModel
 from dlpipe.tasks.regressor import (
     log_regression_model,
-    predict_values,
+    predict_test_split,
     regression_metrics,
     regression_module,
     write_comparison,
@@ -84,10 +83,7 @@ class ForecasterTask:
         self, cfg: DictConfig, checkpoint: Path, meta: dict[str, Any], out: Path
     ) -> dict[str, float]:
         processed = Path(cfg.paths.processed)
-        net, hparams = load_checkpoint(checkpoint)
-        x, actual = load_split(processed, "test")
-        actual = actual.astype(np.float64)
-        pred = predict_values(net, x, hparams["target"])
+        x, actual, pred = predict_test_split(processed, checkpoint)
         last = x[:, -1, RETURN].astype(np.float64)
         report = forecast_report(pred, actual, last)
         write_comparison(out / "comparison.csv", report)

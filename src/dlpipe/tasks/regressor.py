@@ -23,7 +23,7 @@ from dlpipe.formats import format_module
 from dlpipe.models import create_model, load_checkpoint, predict
 from dlpipe.optim import configure_optimizers
 from dlpipe.plots import saved_figure
-from dlpipe.serving import log_pyfunc
+from dlpipe.serving import log_adapted_model
 from dlpipe.serving.regressor import RegressorModel
 from dlpipe.tasks import net_args
 
@@ -150,10 +150,7 @@ class RegressorTask:
         self, cfg: DictConfig, checkpoint: Path, meta: dict[str, Any], out: Path
     ) -> dict[str, float]:
         processed = Path(cfg.paths.processed)
-        net, hparams = load_checkpoint(checkpoint)
-        x, actual = load_split(processed, "test")
-        actual = actual.astype(np.float64)
-        pred = predict_values(net, x, hparams["target"])
+        x, actual, pred = predict_test_split(processed, checkpoint)
         rows = {
             "model": regression_metrics(pred, actual),
             "linear": regression_metrics(linear_baseline(processed), actual),
@@ -182,6 +179,15 @@ class RegressorTask:
         )
 
 
+def predict_test_split(
+    processed: Path, checkpoint: Path
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(test inputs, actual targets, the checkpoint's predictions), targets in their units."""
+    net, hparams = load_checkpoint(checkpoint)
+    x, actual = load_split(processed, "test")
+    return x, actual.astype(np.float64), predict_values(net, x, hparams["target"])
+
+
 def log_regression_model(
     cfg: DictConfig,
     checkpoint: Path,
@@ -193,25 +199,14 @@ def log_regression_model(
 ) -> str:
     """Log a regression checkpoint as `python_model`, with the target's training statistics
     (the pyfunc answers in the target's units) and the data format's serving files."""
-    net, hparams = load_checkpoint(checkpoint)
-    fmt = format_module(meta["format"])
-    processed = Path(cfg.paths.processed)
-    spec = {
-        "model": hparams["model"],
-        "net": hparams["net"],
-        "target": dict(hparams["target"]),
-        "format": meta["format"],
-        "input": fmt.INPUT_DOC,
-        **(extra_spec or {}),
-    }
-    return log_pyfunc(
+    return log_adapted_model(
+        cfg.paths.processed,
+        checkpoint,
+        meta,
         run_id,
         python_model,
-        spec,
-        net.state_dict(),
-        fmt.example_input(processed),
-        input_doc=fmt.INPUT_DOC,
-        files=fmt.serving_files(processed),
+        extra_spec,
+        hparam_fields=("target",),
         extra_requirements=extra_requirements,
     )
 
