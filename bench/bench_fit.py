@@ -3,6 +3,7 @@ optimizer and schedule), the share of fit time spent in MLflow logging, and a no
 
     python bench/bench_fit.py --device cpu --limit 6000 --epochs 4   # a few minutes on 2 cores
     python bench/bench_fit.py --device cuda --epochs 6                # full data, trainer=gpu
+    python bench/bench_fit.py --smoke --epochs 3 --dvc-reps 1         # does it run? (seconds)
 
 Prints markdown and writes it, with the environment, as the device's section of --out; the other
 sections of that file (e.g. a hand-written interpretation) are kept.
@@ -38,31 +39,27 @@ from dlpipe.data import MIRROR_ENV, load_meta, load_split
 from dlpipe.datamodule import TensorDataModule
 from dlpipe.models import create_model
 from dlpipe.preprocess import preprocess
+from dlpipe.smoke import sized
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "bench" / ".data"  # git-ignored; never touches the pipeline's data/
 DEFAULT_MIRROR = ROOT.parent / "shared" / "datasets"
 SECTIONS = {"cpu": "CPU", "cuda": "GPU (H100/H200)"}
-# What the no-op repro runs on: every stage, shrunk to seconds.
-TINY = [
-    "data.limit=600",
-    "tune.n_trials=1",
-    "tune.max_epochs=1",
-    "trainer.max_epochs=1",
-    "model.width=8",
-]
+# What the no-op repro runs on: every stage at smoke size (conf/tiny/), seconds.
+SMOKE = ["smoke=true"]
 # Never copied into the DVC sandbox: pipeline outputs and tracking stores.
 NOT_COPIED = ("data/", "models/", "reports/", "mlruns/", "mlflow.db", "bench/.data/")
 
 
 def compose_cfg(overrides: list[str]) -> DictConfig:
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=overrides)
+        return sized(compose("config", overrides=overrides))  # as a stage: smoke=true applies
 
 
-def prepare_data(limit: int | None) -> Path:
+def prepare_data(limit: int | None, overrides: list[str]) -> Path:
     """Collect (from the mirror) and preprocess Fashion-MNIST once per (limit, seed)."""
-    cfg = compose_cfg([f"data.limit={'null' if limit is None else limit}"])
+    cfg = compose_cfg([f"data.limit={'null' if limit is None else limit}", *overrides])
+    limit = cfg.data.limit
     processed = DATA / f"processed-{limit or 'all'}-seed{cfg.seed}"
     if not (processed / "meta.json").exists():
         data = dlpipe.train.to_dict(cfg.data)
@@ -285,7 +282,7 @@ def bench_dvc(mirror: Path, reps: int) -> dict:
             f"[core]\n    site_cache_dir = {sandbox / '.dvc' / 'site'}\n"
         )
         compose_and_dump(
-            sandbox / "params.yaml", str(sandbox / "conf"), None, "config", str(sandbox), TINY
+            sandbox / "params.yaml", str(sandbox / "conf"), None, "config", str(sandbox), SMOKE
         )
         env = {
             **os.environ,
@@ -435,7 +432,7 @@ def report(
     if dvc is not None:
         lines += [
             "",
-            f"No-op `dvc repro` of all stages (tiny config `{' '.join(TINY)}`; "
+            f"No-op `dvc repro` of all stages (`{' '.join(SMOKE)}`; "
             f"first fill {dvc['fill_s']:.1f} s):",
             "",
             "| min s | median s | runs s | said nothing changed | `dvc --version` s |",
@@ -479,6 +476,9 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=1, help="raw/fit pairs, interleaved")
     parser.add_argument("--dvc-reps", type=int, default=3, help="no-op repros timed; 0 = skip")
+    parser.add_argument(
+        "--smoke", action="store_true", help="at smoke size (smoke=true): prints, writes nothing"
+    )
     args = parser.parse_args()
     if args.epochs < 3:
         parser.error("--epochs must be >= 3: the first is warm-up and std needs two more")
@@ -486,7 +486,9 @@ def main() -> None:
         parser.error("--device cuda but torch sees no CUDA device")
     mirror = Path(os.environ.setdefault(MIRROR_ENV, str(DEFAULT_MIRROR)))
 
-    processed = prepare_data(args.limit)
+    # At smoke size the tiny sizes win over the usual keys, the epochs included.
+    smoke = ["smoke=true", f"tiny.trainer.max_epochs={args.epochs}"] if args.smoke else []
+    processed = prepare_data(args.limit, smoke)
     store = Path(tempfile.mkdtemp(prefix="dlpipe-bench-mlflow-"))
     try:
         uri = f"sqlite:///{store / 'mlflow.db'}"
@@ -499,6 +501,7 @@ def main() -> None:
                 f"mlflow.tracking_uri='{uri}'",
                 "train.early_stopping_patience=null",
                 *(["trainer=gpu"] if args.device == "cuda" else []),
+                *smoke,
                 *args.overrides,
             ]
         )
@@ -530,6 +533,8 @@ def main() -> None:
     print("\n" + table)
     if dvc is not None:
         print("last no-op `dvc repro` said:\n" + dvc["last_output"])
+    if args.smoke:
+        return
     write_section(args.out, SECTIONS[args.device], table)
     print(f"wrote section '{SECTIONS[args.device]}' of {args.out}")
 

@@ -5,6 +5,7 @@ model FLOPs utilization (MFU) against a matmul peak measured on the same device.
     python bench/bench_lm.py --device cuda --steps 50      # the experiments as they are set
     python bench/bench_lm.py --device cpu --steps 10 --gpt "model.n_layer=4 model.n_embd=128" \
         data.block_size=128
+    python bench/bench_lm.py --smoke --steps 3                # does it run? (smoke=true, seconds)
 
 Trailing arguments are Hydra overrides for both experiments (data.block_size,
 train.batch_size); --gpt and --lstm take each model's own. Writes its table as the device's
@@ -36,6 +37,7 @@ from dlpipe.collect import collect
 from dlpipe.data import MIRROR_ENV, load_array, load_meta
 from dlpipe.models import create_model
 from dlpipe.preprocess import preprocess
+from dlpipe.smoke import sized
 from dlpipe.tasks.language_model import lm_net_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,12 +48,15 @@ EXPERIMENTS = ("shakespeare_gpt", "shakespeare_lstm")
 
 def compose_cfg(experiment: str, overrides: list[str]) -> DictConfig:
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=[f"experiment={experiment}", *overrides])
+        cfg = compose("config", overrides=[f"experiment={experiment}", *overrides])
+    return sized(cfg)  # as a stage: smoke=true applies
 
 
 def prepare_data(cfg: DictConfig) -> Path:
-    """Tiny Shakespeare collected (from the mirror) and preprocessed once per block size."""
-    processed = DATA / f"tinyshakespeare-block{cfg.data.block_size}"
+    """Tiny Shakespeare collected (from the mirror) and preprocessed once per block size and
+    limit."""
+    limit = f"-limit{cfg.data.limit}" if cfg.data.limit else ""
+    processed = DATA / f"tinyshakespeare-block{cfg.data.block_size}{limit}"
     if not (processed / "meta.json").exists():
         os.environ.setdefault(MIRROR_ENV, str(ROOT.parent / "shared" / "datasets"))
         data = OmegaConf.to_container(cfg.data, resolve=True)
@@ -179,8 +184,14 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help=f"print only, leave {DOC.name}")
     parser.add_argument("--gpt", default="", help="Hydra overrides for shakespeare_gpt only")
     parser.add_argument("--lstm", default="", help="Hydra overrides for shakespeare_lstm only")
+    parser.add_argument(
+        "--smoke", action="store_true", help="at smoke size (smoke=true): implies --no-write"
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for both experiments")
     args = parser.parse_args()
+    if args.smoke:
+        args.overrides.insert(0, "smoke=true")
+        args.no_write = True
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # as trainer=gpu's bf16-mixed would have it

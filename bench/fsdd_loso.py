@@ -8,9 +8,11 @@ LOSO: for each of the six speakers, preprocess with `data.test_speaker=<speaker>
     python bench/fsdd_loso.py --experiment fsdd_cnn                 # LOSO table, ~10 min on 2 cores
     python bench/fsdd_loso.py --experiment fsdd_cnn --official      # all six stages, timed
     python bench/fsdd_loso.py --experiment fsdd_cnn trainer.max_epochs=10   # plus Hydra overrides
+    python bench/fsdd_loso.py --smoke --official                    # does it run? (smoke=true)
 
-Everything (data, MLflow store, checkpoints) goes under bench/.data/fsdd/<experiment>; results
-are printed as markdown and written to <that folder>/{loso,official}.{md,json}.
+Everything (data, MLflow store, checkpoints) goes under bench/.data/fsdd/<experiment> (with
+--smoke: <experiment>-smoke); results are printed as markdown and written to
+<that folder>/{loso,official}.{md,json}.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from dlpipe.evaluate import evaluate
 from dlpipe.formats.audio import RECORDINGS, parse_names
 from dlpipe.preprocess import preprocess
 from dlpipe.register import register
+from dlpipe.smoke import sized
 from dlpipe.train import to_dict, train
 from dlpipe.tune import tune
 
@@ -51,7 +54,7 @@ def compose_cfg(root: Path, overrides: list[str]) -> DictConfig:
         "reports": root / "reports",
     }
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose(
+        cfg = compose(
             "config",
             overrides=[
                 *overrides,
@@ -60,6 +63,7 @@ def compose_cfg(root: Path, overrides: list[str]) -> DictConfig:
                 "trainer.enable_progress_bar=false",
             ],
         )
+    return sized(cfg)  # as a stage: smoke=true applies
 
 
 def timed(step, *args) -> tuple[object, float]:
@@ -153,10 +157,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--experiment", default="fsdd_cnn", help="conf/experiment/<name>.yaml")
     parser.add_argument("--official", action="store_true", help="the six stages, official split")
+    parser.add_argument("--smoke", action="store_true", help="at smoke size (smoke=true)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. trainer.max_epochs=10")
     args = parser.parse_args()
     os.environ.setdefault(MIRROR_ENV, str(DEFAULT_MIRROR))
-    out = DATA / args.experiment
+    if args.smoke:
+        args.overrides.insert(0, "smoke=true")
+    out = DATA / f"{args.experiment}{'-smoke' if args.smoke else ''}"
     kind = "official" if args.official else "loso"
     shutil.rmtree(out / kind, ignore_errors=True)
     overrides = [f"experiment={args.experiment}", *args.overrides]

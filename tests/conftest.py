@@ -2,11 +2,13 @@
 slice collected and preprocessed once per session, and the real conf/ composed around it."""
 
 import functools
+import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import mlflow
 import numpy as np
@@ -236,29 +238,70 @@ def make_cfg(
 STAGES = ("collect", "preprocess", "tune", "train", "evaluate", "register")
 
 
-@pytest.fixture
-def run_stages(mirror: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., dict]:
-    """run_stages(cfg): the six stages in process, as `dvc repro` runs them (collecting from the
-    mirror); returns {stage: result}. Point `cfg` at fresh data dirs with
-    make_cfg(..., processed=tmp_path / "data" / "processed") to run collect and preprocess too."""
+def _run_stages(cfg: DictConfig, stages: tuple[str, ...] = STAGES) -> dict:
     from dlpipe.evaluate import evaluate
     from dlpipe.register import register
     from dlpipe.train import train
     from dlpipe.tune import tune
 
-    monkeypatch.setenv(MIRROR_ENV, str(mirror))
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    raw, processed = Path(cfg.paths.raw), Path(cfg.paths.processed)
+    steps = {
+        "collect": lambda: collect(data, raw),
+        "preprocess": lambda: preprocess(data, raw, processed, cfg.seed),
+        "tune": lambda: tune(cfg),
+        "train": lambda: train(cfg),
+        "evaluate": lambda: evaluate(cfg),
+        "register": lambda: register(cfg),
+    }
+    return {stage: steps[stage]() for stage in stages}
 
-    def run(cfg: DictConfig, stages: tuple[str, ...] = STAGES) -> dict:
-        data = OmegaConf.to_container(cfg.data, resolve=True)
-        raw, processed = Path(cfg.paths.raw), Path(cfg.paths.processed)
-        steps = {
-            "collect": lambda: collect(data, raw),
-            "preprocess": lambda: preprocess(data, raw, processed, cfg.seed),
-            "tune": lambda: tune(cfg),
-            "train": lambda: train(cfg),
-            "evaluate": lambda: evaluate(cfg),
-            "register": lambda: register(cfg),
-        }
-        return {stage: steps[stage]() for stage in stages}
+
+@pytest.fixture
+def run_stages(mirror: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., dict]:
+    """run_stages(cfg): the six stages in process, as `dvc repro` runs them (collecting from the
+    mirror); returns {stage: result}. Point `cfg` at fresh data dirs with
+    make_cfg(..., processed=tmp_path / "data" / "processed") to run collect and preprocess too."""
+    monkeypatch.setenv(MIRROR_ENV, str(mirror))
+    return _run_stages
+
+
+class SmokeRun(NamedTuple):
+    cfg: DictConfig  # as the stages ran it, outputs and MLflow store under the run's own root
+    results: dict  # {stage: result}
+    champion: Path  # the registered model's @champion, downloaded: mlflow.pyfunc.load_model it
+
+
+@pytest.fixture(scope="session")
+def smoke_run(
+    mirror: Path, cfg_factory: Callable[..., DictConfig], tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[str], SmokeRun]:
+    """smoke_run("sp500_gru"): conf/experiment/<name>.yaml at `smoke=true` through all six stages
+    (collected from the mirror), once per session however many tests ask: tests/test_smoke.py
+    checks that every experiment runs, each task's tests check what its model serves."""
+    runs: dict[str, SmokeRun] = {}
+    raw_dirs: dict[str, str] = {}  # by data config: a later run's collect only verifies it
+
+    def run(experiment: str) -> SmokeRun:
+        if experiment not in runs:
+            root = tmp_path_factory.mktemp(experiment)
+            processed = root / "data" / "processed"
+            cfg = cfg_factory(root, f"experiment={experiment}", "smoke=true", processed=processed)
+            data = json.dumps(OmegaConf.to_container(cfg.data, resolve=True), sort_keys=True)
+            cfg.paths.raw = raw_dirs.setdefault(data, cfg.paths.raw)
+            if cfg.task.name == "gan":  # its feature-net cache, out of the repo's models/
+                cfg.task.feature_net_dir = str(root / "fid")
+            before = os.environ.get("MLFLOW_TRACKING_URI")
+            try:
+                with _env(MIRROR_ENV, str(mirror)):
+                    results = _run_stages(cfg)
+                mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+                champion = mlflow.artifacts.download_artifacts(
+                    f"models:/{cfg.register.model_name}@champion", dst_path=str(root / "champion")
+                )
+            finally:  # the stages point the global MLflow client at the run's store
+                mlflow.set_tracking_uri(before)
+            runs[experiment] = SmokeRun(cfg, results, Path(champion))
+        return runs[experiment]
 
     return run

@@ -4,7 +4,6 @@ byte-identical; scaling comes from the training period alone), the naive baselin
 hand-made series, and each sp500 experiment through all six stages to a served forecast."""
 
 import json
-import shutil
 from pathlib import Path
 
 import mlflow
@@ -19,6 +18,7 @@ from dlpipe.preprocess import preprocess
 from dlpipe.tasks.forecaster import forecast_report
 from dlpipe.tasks.regressor import predict_values
 
+CONF = Path(__file__).resolve().parents[1] / "conf"
 FEATURE_FILES = ("x", "y", "date", "ticker")
 
 
@@ -171,32 +171,13 @@ def test_naive_baselines_on_a_hand_made_series():
     assert report["always_up"]["dir_acc"] == pytest.approx(1 / 3)
 
 
-TINY = {
-    "sp500_mlp": ("model.width=16", "model.depth=1"),
-    "sp500_lstm": ("model.embed_dim=8", "model.hidden_size=8"),
-    "sp500_gru": ("model.embed_dim=8", "model.hidden_size=8"),
-    "sp500_transformer": ("model.d_model=8", "model.nhead=2", "model.num_layers=1"),
-}
+SP500_EXPERIMENTS = sorted(p.stem for p in CONF.glob("experiment/sp500_*.yaml"))
 
 
-@pytest.mark.parametrize("experiment", sorted(TINY))
-def test_experiment_runs_all_stages_and_serves_forecasts(
-    experiment, sp500, make_cfg, run_stages, tmp_path
-):
-    # The collected files, so collect only verifies them; preprocess runs on 2 tickers.
-    shutil.copytree(sp500.parent / "raw", tmp_path / "data" / "raw")
-    cfg = make_cfg(
-        f"experiment={experiment}",
-        *TINY[experiment],
-        "data.tickers=[AAPL,JPM]",
-        "data.window=10",
-        "tune.n_trials=1",
-        "tune.max_epochs=1",
-        "~search.model",  # the trial tunes the optimizer only: tiny stays tiny
-        "~search.train",
-        processed=tmp_path / "data" / "processed",
-    )
-    results = run_stages(cfg)
+@pytest.mark.parametrize("experiment", SP500_EXPERIMENTS)
+def test_experiment_reports_and_serves_forecasts_from_raw_prices(experiment, smoke_run):
+    # All six stages at smoke size (2 tickers), run once per session: see tests/test_smoke.py.
+    cfg, results, champion = smoke_run(experiment)
     metrics = results["evaluate"]
     for key in ("test/rmse", "test/mae", "test/dir_acc", "test/naive_zero/rmse"):
         assert np.isfinite(metrics[key])
@@ -208,29 +189,28 @@ def test_experiment_runs_all_stages_and_serves_forecasts(
     forecast = pd.read_csv(files / "forecast.csv")
     assert len(forecast) == load_meta(cfg.paths.processed)["sizes"]["test"]
     assert (files / "forecast.png").read_bytes()[:4] == b"\x89PNG"
-    assert results["register"]["decision"] == "promoted to champion"
 
-    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
-    model = mlflow.pyfunc.load_model(f"models:/{cfg.register.model_name}@champion")
-    # Raw rows of the 11 days up to 2017-06-01 (incl.) -> the forecast for 2017-06-02, which
-    # must be the network's output for the test sample with that target date.
-    prices = pd.concat(_prices(tmp_path / "data" / "raw", t) for t in ("AAPL", "JPM"))
-    prices = prices[prices["date"] <= "2017-06-01"].groupby("Name").tail(11)
+    model = mlflow.pyfunc.load_model(str(champion))
+    # Raw rows of the window + 1 days up to 2017-06-01 (incl.) -> the forecast for 2017-06-02,
+    # which must be the network's output for the test sample with that target date.
+    tickers, days = sorted(cfg.data.tickers), cfg.data.window + 1
+    prices = pd.concat(_prices(Path(cfg.paths.raw), t) for t in tickers)
+    prices = prices[prices["date"] <= "2017-06-01"].groupby("Name").tail(days)
     prices = prices.assign(date=prices["date"].dt.strftime("%Y-%m-%d"))
     served = model.predict(prices)
     assert list(served.columns) == ["Name", "date", "predicted_log_return", "predicted_close"]
-    assert served["Name"].tolist() == ["AAPL", "JPM"]
-    assert served["date"].tolist() == ["2017-06-01"] * 2
+    assert served["Name"].tolist() == tickers
+    assert served["date"].tolist() == ["2017-06-01"] * len(tickers)
 
     processed = Path(cfg.paths.processed)
-    dates, tickers = load_array(processed, "test_date"), load_array(processed, "test_ticker")
+    dates, test_tickers = load_array(processed, "test_date"), load_array(processed, "test_ticker")
     rows = [
-        int(np.flatnonzero((dates == np.datetime64("2017-06-02")) & (tickers == t))[0])
-        for t in ("AAPL", "JPM")
+        int(np.flatnonzero((dates == np.datetime64("2017-06-02")) & (test_tickers == t))[0])
+        for t in tickers
     ]
     net, hparams = load_checkpoint(Path(cfg.paths.train) / "checkpoints" / "best.ckpt")
     expected = predict_values(net, load_array(processed, "test_x")[rows], hparams["target"])
     assert np.allclose(served["predicted_log_return"], expected, atol=1e-7)
 
-    with pytest.raises(Exception, match="at least 11 consecutive trading days"):
-        model.predict(prices.groupby("Name").tail(5))
+    with pytest.raises(Exception, match=f"at least {days} consecutive trading days"):
+        model.predict(prices.groupby("Name").tail(days - 1))  # one day short

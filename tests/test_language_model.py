@@ -20,6 +20,8 @@ from dlpipe.preprocess import preprocess
 from dlpipe.serving.language_model import complete, encode_prompt, generate
 from dlpipe.tasks.language_model import TokenStreamDataModule, spread_offsets, stream_loss
 
+# The unit tests' networks, built without Hydra: two layers, so causality is checked through a
+# stack (smoke size has one).
 TINY = {
     "gpt": {"name": "gpt", "n_layer": 2, "n_head": 2, "n_embd": 16, "dropout": 0.0, "bias": False},
     "lstm": {
@@ -31,41 +33,6 @@ TINY = {
         "dropout": 0.0,
     },
 }
-# Each experiment shrunk to seconds; the search space too, since train applies tuned values.
-SHRINK = {
-    "shakespeare_gpt": (
-        "model.n_layer=1",
-        "model.n_head=2",
-        "model.n_embd=32",
-        "search.model.n_layer.low=1",
-        "search.model.n_layer.high=1",
-        "search.model.n_embd.choices=[32]",
-    ),
-    "shakespeare_lstm": (
-        "model.embed_dim=16",
-        "model.hidden_size=32",
-        "model.num_layers=1",
-        "search.model.embed_dim.choices=[16]",
-        "search.model.hidden_size.choices=[32]",
-        "search.model.num_layers.low=1",
-        "search.model.num_layers.high=1",
-        "search.train.batch_size.choices=[16]",
-    ),
-}
-QUICK = (
-    "data.block_size=32",
-    "train.batch_size=16",
-    "task.steps_per_epoch=8",
-    "task.eval_batches=2",
-    "task.sample_tokens=20",
-    "task.report_tokens=20",
-    "tune.n_trials=1",
-    "tune.max_epochs=1",
-    "trainer.max_epochs=1",
-    "optim.scheduler=none",  # a constant, high lr learns something within 8 steps
-    "search.optim.lr.low=0.01",
-    "search.optim.lr.high=0.01",
-)
 
 
 def tiny_net(kind: str, vocab: int = 65, block: int = 16) -> torch.nn.Module:
@@ -243,21 +210,10 @@ def test_generation_length_seed_greedy_and_context_crop(kind):
     assert torch.equal(sampled, greedy)
 
 
-def _run(run_stages, make_cfg, experiment: str, tmp_path: Path):
-    cfg = make_cfg(
-        f"experiment={experiment}",
-        *QUICK,
-        *SHRINK[experiment],
-        processed=tmp_path / "data" / "processed",
-    )
-    return cfg, run_stages(cfg)
-
-
 @pytest.mark.parametrize("experiment", ["shakespeare_gpt", "shakespeare_lstm"])
-def test_experiment_all_stages_then_the_registered_model_writes(
-    experiment, run_stages, make_cfg, tmp_path
-):
-    cfg, results = _run(run_stages, make_cfg, experiment, tmp_path)
+def test_experiment_reports_then_the_registered_model_writes(experiment, smoke_run, tmp_path):
+    # All six stages at smoke size, run once per session: see tests/test_smoke.py.
+    cfg, results, champion = smoke_run(experiment)
     assert cfg.register.model_name == "tinyshakespeare-language_model"
     assert results["register"]["decision"] == "promoted to champion"
 
@@ -286,8 +242,7 @@ def test_experiment_all_stages_then_the_registered_model_writes(
     net, hparams = load_checkpoint(Path(cfg.paths.train) / run["best_checkpoint"])
     assert hparams["model"]["name"] == OmegaConf.select(cfg, "model.name")
 
-    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
-    model = mlflow.pyfunc.load_model(f"models:/{cfg.register.model_name}@champion")
+    model = mlflow.pyfunc.load_model(str(champion))
     params = {"max_new_tokens": 25, "temperature": 0.8, "top_k": 0, "seed": 7}
     out = model.predict(["ROMEO:", "JULIET:"], params=params)
     assert list(out.columns) == ["completion"] and [len(t) for t in out["completion"]] == [25, 25]
@@ -295,10 +250,10 @@ def test_experiment_all_stages_then_the_registered_model_writes(
     assert again.equals(out)
     greedy = model.predict(["ROMEO:"], params={"max_new_tokens": 10, "top_k": 1, "seed": 0})
     chars = hparams["chars"]
-    idx = torch.tensor([encode_prompt("ROMEO:", chars)])
+    idx, block = torch.tensor([encode_prompt("ROMEO:", chars)]), cfg.data.block_size
     with torch.no_grad():
         for _ in range(10):
-            idx = torch.cat([idx, net(idx[:, -32:])[:, -1].argmax(-1, keepdim=True)], 1)
+            idx = torch.cat([idx, net(idx[:, -block:])[:, -1].argmax(-1, keepdim=True)], 1)
     assert greedy["completion"][0] == decode(idx[0, 6:].numpy(), chars)
     with pytest.raises(Exception, match="never saw in training"):
         model.predict(["ROMEO: ½"])

@@ -1,4 +1,4 @@
-"""The whole pipeline through DVC, in a temporary copy of the repo, on quick settings."""
+"""The whole pipeline through DVC, in a temporary copy of the repo, at smoke size."""
 
 import json
 import os
@@ -13,12 +13,9 @@ from mlflow import MlflowClient
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = [
-    "data.limit=600",
-    "tune.n_trials=2",
-    "tune.max_epochs=1",
-    "trainer.max_epochs=1",
+    "smoke=true",
+    "tiny.tune.n_trials=2",  # a smoke size wins over tune.n_trials: two trials, to count them
     "trainer.enable_progress_bar=false",
-    "model.width=8",
 ]
 
 
@@ -77,7 +74,7 @@ def test_dvc_repro_end_to_end(repo_copy: tuple[Path, dict[str, str]]):
     out = run([*dvc, "exp", "run", *(f"-S={o}" for o in QUICK)], root, env)
     assert ran_stages(out) == ["collect", "preprocess", "tune", "train", "evaluate", "register"]
     params = yaml.safe_load((root / "params.yaml").read_text())
-    assert params["data"]["limit"] == 600 and params["model"]["width"] == 8
+    assert params["smoke"] is True and params["tiny"]["tune"]["n_trials"] == 2
 
     metrics = json.loads((root / "reports/evaluate/metrics.json").read_text())
     assert 0.0 <= metrics["test/acc"] <= 1.0 and "test/roc_auc_ovr_macro" in metrics
@@ -97,12 +94,12 @@ def test_dvc_repro_end_to_end(repo_copy: tuple[Path, dict[str, str]]):
     out = run([*dvc, "repro"], root, env)
     assert ran_stages(out) == []
 
-    # One training key changed: only train and what depends on it.
-    out = run(
-        [*dvc, "exp", "run", *(f"-S={o}" for o in QUICK), "-S=trainer.max_epochs=2"], root, env
-    )
+    # One training key changed (at smoke size, the epochs are tiny.trainer.max_epochs): only
+    # train and what depends on it.
+    more_epochs = "-S=tiny.trainer.max_epochs=2"
+    out = run([*dvc, "exp", "run", *(f"-S={o}" for o in QUICK), more_epochs], root, env)
     assert ran_stages(out) == ["train", "evaluate", "register"]
-    assert yaml.safe_load((root / "params.yaml").read_text())["trainer"]["max_epochs"] == 2
+    assert yaml.safe_load((root / "params.yaml").read_text())["tiny"]["trainer"]["max_epochs"] == 2
     run_info = json.loads((root / "models/train/run.json").read_text())
     assert run_info["epochs"] == 2
     versions = client.search_model_versions(f"name='{registered['model_name']}'")
@@ -114,13 +111,7 @@ def test_dvc_exp_run_a_named_experiment(repo_copy: tuple[Path, dict[str, str]]):
     # Another dataset, model and task in one switch: the stages, metrics and registered model
     # follow the experiment (a regression on table rows, not image classification).
     root, env = repo_copy
-    quick = [
-        "experiment=housing_mlp",
-        "tune.n_trials=1",
-        "tune.max_epochs=1",
-        "trainer.max_epochs=1",
-        "trainer.enable_progress_bar=false",
-    ]
+    quick = ["experiment=housing_mlp", "smoke=true", "trainer.enable_progress_bar=false"]
     out = run([sys.executable, "-m", "dvc", "exp", "run", *(f"-S={o}" for o in quick)], root, env)
     assert ran_stages(out) == ["collect", "preprocess", "tune", "train", "evaluate", "register"]
     params = yaml.safe_load((root / "params.yaml").read_text())

@@ -53,40 +53,17 @@ def test_smoke_sizes_win_and_are_themselves_configurable(compose_conf):
     assert bigger.data.limit == 5000
 
 
-def _covered_elsewhere(experiment: str) -> bool:
-    """Whether another test module runs this experiment (with checks of its own served model)."""
-    here = Path(__file__)
-    return any(
-        experiment in path.read_text() for path in here.parent.glob("test_*.py") if path != here
-    )
-
-
-# An experiment that another module already runs end to end is repeated here only under
-# `-m slow`, to keep the default suite fast; a new experiment runs here by default until it has
-# its own end-to-end test.
-EXPERIMENTS = [
-    pytest.param(e, marks=pytest.mark.slow) if _covered_elsewhere(e) else e
-    for e in _options("experiment")
-]
-
-
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_runs_all_stages_at_smoke_size(experiment, make_cfg, run_stages, tmp_path):
-    cfg = make_cfg(
-        f"experiment={experiment}", "smoke=true", processed=tmp_path / "data" / "processed"
-    )
-    if cfg.task.name == "gan":  # its feature-net cache, out of the repo's models/
-        cfg.task.feature_net_dir = str(tmp_path / "fid")
-    results = run_stages(cfg)
+# One run per experiment and session (conftest's smoke_run), shared with the tests of each task,
+# which check what that run's served model does: every experiment runs once in the default suite.
+@pytest.mark.parametrize("experiment", _options("experiment"))
+def test_every_experiment_runs_all_stages_at_smoke_size(experiment, smoke_run):
+    cfg, results, champion = smoke_run(experiment)
 
     assert results["register"]["decision"] == "promoted to champion"
-    name = results["register"]["model_name"]
-    assert name == cfg.register.model_name
-    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    assert results["register"]["model_name"] == cfg.register.model_name
     # It loads, and serves the input example it was logged with.
-    local = mlflow.artifacts.download_artifacts(f"models:/{name}@champion", dst_path=tmp_path)
-    model = mlflow.pyfunc.load_model(local)
-    example = model.metadata.load_input_example(local)
+    model = mlflow.pyfunc.load_model(str(champion))
+    example = model.metadata.load_input_example(str(champion))
     assert example is not None
     params = model.metadata.get_params_schema()
     model.predict(example, params=params and {p.name: p.default for p in params.params})

@@ -116,32 +116,16 @@ def test_adapter_features_equal_preprocessing(small):
         adapter(pd.DataFrame({"audio": waves}))
 
 
-# Tiny runs: 100 training recordings, one 1-epoch trial, one epoch of training.
-QUICK = ("data.limit=100", "tune.n_trials=1", "tune.max_epochs=1", "trainer.max_epochs=1")
-TINY = {
-    "fsdd_cnn": ("model.width=4", "model.depth=2"),
-    "fsdd_lstm": ("model.embed_dim=16", "model.hidden_size=16", "model.num_layers=1"),
-    "fsdd_transformer": ("model.d_model=16", "model.num_layers=1", "model.dim_feedforward=32"),
-}
-
-
-@pytest.mark.parametrize("experiment", sorted(TINY))
-def test_experiment_runs_all_stages_and_serves_waveforms(
-    experiment, make_cfg, run_stages, tmp_path
-):
-    cfg = make_cfg(
-        f"experiment={experiment}",
-        *QUICK,
-        *TINY[experiment],
-        processed=tmp_path / "data" / "processed",
-    )
-    results = run_stages(cfg)
+@pytest.mark.parametrize("experiment", ["fsdd_cnn", "fsdd_lstm", "fsdd_transformer"])
+def test_experiment_serves_waveforms(experiment, smoke_run):
+    # All six stages at smoke size (100 training recordings), run once per session: see
+    # tests/test_smoke.py.
+    cfg, results, champion = smoke_run(experiment)
     assert results["preprocess"]["sizes"] == {"train": 90, "val": 10, "test": 300}
     assert 0 <= results["evaluate"]["test/acc"] <= 1
     assert results["register"]["model_name"] == "fsdd-classifier"
 
-    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
-    model = mlflow.pyfunc.load_model("models:/fsdd-classifier@champion")
+    model = mlflow.pyfunc.load_model(str(champion))
     raw = Path(cfg.paths.raw) / "recordings"
     waves = [sf.read(raw / name, dtype="float32")[0] for name in ("4_theo_0.wav", "9_lucas_2.wav")]
     out = model.predict(pd.DataFrame({"waveform": waves}))

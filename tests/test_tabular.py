@@ -168,12 +168,7 @@ def test_own_csv_classifier_runs_all_stages_and_serves_raw_rows(make_cfg, run_st
         "data.target=label",
         "data.drop=[id,price]",
         "model=mlp",
-        "model.width=16",
-        "model.depth=1",
-        "tune.n_trials=1",
-        "tune.max_epochs=1",
-        "~search.model",  # the trial tunes the optimizer only
-        "~search.train",
+        "smoke=true",
         processed=tmp_path / "data" / "processed",
     )
     results = run_stages(cfg)
@@ -192,19 +187,9 @@ def test_own_csv_classifier_runs_all_stages_and_serves_raw_rows(make_cfg, run_st
     assert np.allclose(out[["no", "yes"]], expected.softmax(-1).numpy(), atol=1e-6)
 
 
-def test_housing_mlp_runs_all_stages_and_serves_raw_rows(make_cfg, run_stages, tmp_path):
-    cfg = make_cfg(
-        "experiment=housing_mlp",
-        "data.limit=3000",
-        "model.width=16",
-        "model.depth=1",
-        "tune.n_trials=1",
-        "tune.max_epochs=1",
-        "~search.model",
-        "~search.train",
-        processed=tmp_path / "data" / "processed",
-    )
-    results = run_stages(cfg)
+def test_housing_mlp_reports_and_serves_raw_rows(smoke_run):
+    # All six stages at smoke size, run once per session: see tests/test_smoke.py.
+    cfg, results, champion = smoke_run("housing_mlp")
     metrics = results["evaluate"]
     keys = {f"test/{p}{m}" for p in ("", "linear/") for m in ("rmse", "mae", "r2")}
     assert set(metrics) == keys
@@ -212,16 +197,19 @@ def test_housing_mlp_runs_all_stages_and_serves_raw_rows(make_cfg, run_stages, t
     files = Path(cfg.paths.reports) / "evaluate" / "files"
     comparison = pd.read_csv(files / "comparison.csv", index_col="predictor")
     assert comparison.loc["linear", "r2"] == pytest.approx(metrics["test/linear/r2"])
-    assert len(pd.read_csv(files / "predictions.csv")) == 600
+    processed = Path(cfg.paths.processed)
+    assert len(pd.read_csv(files / "predictions.csv")) == load_meta(processed)["sizes"]["test"]
     assert (files / "predicted_vs_actual.png").read_bytes()[:4] == b"\x89PNG"
 
-    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
-    model = mlflow.pyfunc.load_model(f"models:/{cfg.register.model_name}@champion")
-    processed = Path(cfg.paths.processed)
-    rows = load_array(processed, "test_row")
-    raw = _housing_rows(processed.parent / "raw").iloc[rows]
-    assert raw["total_bedrooms"].isna().any()  # missing values go in as they are
-    served = model.predict(raw.drop(columns=["median_house_value"]))
+    model = mlflow.pyfunc.load_model(str(champion))
+    table = _housing_rows(Path(cfg.paths.raw)).drop(columns=["median_house_value"])
+    served = model.predict(table.iloc[load_array(processed, "test_row")])
     net, hparams = load_checkpoint(Path(cfg.paths.train) / "checkpoints" / "best.ckpt")
     expected = predict_values(net, load_split(processed, "test")[0], hparams["target"])
     assert np.allclose(served["prediction"], expected, rtol=1e-5)
+    # Missing values go in as they are: filled with the training median, as in preprocessing.
+    gaps = table[table["total_bedrooms"].isna()].head(5)
+    imputer = load_transform(processed / TRANSFORM).named_transformers_["numeric"][0]
+    median = imputer.statistics_[NUMERIC.index("total_bedrooms")]
+    filled = model.predict(gaps.fillna({"total_bedrooms": median}))
+    assert np.allclose(model.predict(gaps)["prediction"], filled["prediction"], rtol=1e-6)
