@@ -47,7 +47,8 @@ def _study(cfg: DictConfig) -> optuna.Study:
 
 
 def test_killed_worker_leaves_no_running_trial_and_no_spent_budget(make_cfg, tmp_path):
-    cfg = _cfg(make_cfg, 2)
+    # Slow trials (batch 16, 3 epochs) so the kill lands inside one.
+    cfg = _cfg(make_cfg, 2, "train.batch_size=16", "tune.max_epochs=3")
     worker = _worker(cfg, tmp_path, "worker")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # wait until trial 0 is under way, then kill -9
@@ -64,12 +65,14 @@ def test_killed_worker_leaves_no_running_trial_and_no_spent_budget(make_cfg, tmp
     time.sleep(1.0)  # let it open its MLflow run
     os.kill(worker.pid, signal.SIGKILL)
     worker.wait()
+    (killed,) = [t.number for t in _study(cfg).trials if t.state == TrialState.RUNNING]
 
     summary = tune(cfg)  # re-run at once, as `dvc repro` would
 
     study = _study(cfg)
     states = {t.number: t.state for t in study.trials}
-    assert states[0] == TrialState.FAIL and study.trials[0].user_attrs["outcome"] == "killed"
+    assert states[killed] == TrialState.FAIL
+    assert study.trials[killed].user_attrs["outcome"] == "killed"
     assert TrialState.RUNNING not in states.values()
     # The killed trial does not count: the budget of 2 is two complete trials.
     assert sum(s == TrialState.COMPLETE for s in states.values()) == 2
@@ -79,8 +82,8 @@ def test_killed_worker_leaves_no_running_trial_and_no_spent_budget(make_cfg, tmp
         filter_string=f"tags.`mlflow.parentRunId` = '{summary['mlflow_run_id']}'",
     )
     by_trial = {int(r.data.tags["optuna.trial"]): r for r in runs}
-    assert by_trial[0].info.status == "KILLED"
-    assert by_trial[0].data.tags["optuna.outcome"] == "killed"
+    assert by_trial[killed].info.status == "KILLED"
+    assert by_trial[killed].data.tags["optuna.outcome"] == "killed"
     assert all(r.info.status != "RUNNING" for r in runs)
 
 
