@@ -92,8 +92,10 @@ def test_parallel_workers_draw_different_params_and_one_worker_repeats(make_cfg,
     workers = [_worker(cfg, tmp_path, f"w{i}") for i in range(2)]
     assert [w.wait(timeout=300) for w in workers] == [0, 0]
     trials = _study(cfg).get_trials(states=(TrialState.COMPLETE,))
-    assert len(trials) == 4
-    assert len({t.params["optim.lr"] for t in trials}) == 4  # no duplicate random starts
+    # Optuna workers check the budget between trials, so two may overshoot by one when they
+    # finish at the same moment; running trials count, which makes that rare.
+    assert 4 <= len(trials) <= 5
+    assert len({t.params["optim.lr"] for t in trials}) == len(trials)  # no duplicate starts
 
     # A lone worker is reproducible: the same seed and budget draw the same trials again.
     lone = [

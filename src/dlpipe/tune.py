@@ -217,8 +217,10 @@ def tune(cfg: DictConfig) -> dict[str, Any]:
         log.info("study %s: %d trials done, running %d more", study.study_name, done, remaining)
 
         def stop_at_budget(study: optuna.Study, trial: FrozenTrial) -> None:
-            # Other workers sharing the storage count towards the same total budget.
-            if spent_budget(study) >= cfg.tune.n_trials:
+            # Other workers sharing the storage count towards the same total budget, their
+            # running trials included: a worker does not start a trial the others will fill.
+            running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+            if spent_budget(study) + running >= cfg.tune.n_trials:
                 study.stop()
 
         study.optimize(
