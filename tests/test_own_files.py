@@ -2,6 +2,7 @@
 encodings read with one setting, and a file that can't be read says which setting to change,
 naming the user's own file and line."""
 
+import re
 import warnings
 import zipfile
 from pathlib import Path
@@ -148,3 +149,18 @@ def test_collect_from_an_archive_with_a_repeated_member_says_so(tmp_path, monkey
     data = {"name": "dup", "format": "table", "url": "http://127.0.0.1:9/", "mirror_dir": "dup"}
     with pytest.raises(DataError, match=r"arch.zip holds more than one member named \['t.csv'\]"):
         collect({**data, "files": {"t.csv": entry}}, tmp_path / "raw")
+
+
+def test_char_text_limit_too_small_for_a_split_names_the_smallest_that_works(data_config, tmp_path):
+    # `dvc exp run -S experiment=shakespeare_gpt -S data.limit=500` failed with a 25-character
+    # validation split and no fix; the message now gives the smallest limit, which works.
+    path = tmp_path / "play.txt"
+    path.write_text("".join(f"LINE {i}: to be or not to be.\n" for i in range(4000)))
+    data = data_config("tinyshakespeare", path=str(path), limit=500)
+    data.pop("files")
+    collect(data, tmp_path / "raw")
+    with pytest.raises(ValueError, match=r"data.limit \(at least (\d+) characters") as info:
+        preprocess(data, tmp_path / "raw", tmp_path / "processed", seed=0)
+    smallest = int(re.search(r"at least (\d+)", str(info.value)).group(1))
+    meta = preprocess({**data, "limit": smallest}, tmp_path / "raw", tmp_path / "ok", seed=0)
+    assert min(meta["sizes"].values()) >= data["block_size"] + 1
