@@ -164,3 +164,12 @@ def test_char_text_limit_too_small_for_a_split_names_the_smallest_that_works(dat
     smallest = int(re.search(r"at least (\d+)", str(info.value)).group(1))
     meta = preprocess({**data, "limit": smallest}, tmp_path / "raw", tmp_path / "ok", seed=0)
     assert min(meta["sizes"].values()) >= data["block_size"] + 1
+
+
+def test_numbers_with_a_decimal_comma_name_the_setting(data_config, tmp_path):
+    # Delimiter right, decimal left at ".": "979989,8" would be read as a class name.
+    path = tmp_path / "export.csv"
+    path.write_text(_table().to_csv(sep=";", decimal=",", index=False))
+    data = data_config("table_csv", path=str(path), target="price", delimiter=";")
+    with pytest.raises(DataError, match=r"\['size', 'price'\] hold numbers written with a decim"):
+        _preprocess(data, tmp_path)

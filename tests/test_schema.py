@@ -47,3 +47,13 @@ EXPERIMENTS = Path(__file__).resolve().parents[1] / "conf" / "experiment"
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in EXPERIMENTS.glob("*.yaml")))
 def test_every_shipped_experiment_passes(compose_conf, experiment):
     check_config(compose_conf(f"experiment={experiment}"))
+
+
+def test_smoke_checks_the_values_given_before_its_sizes_replace_them(compose_conf, caplog):
+    from dlpipe.smoke import sized
+
+    with pytest.raises(ConfigError, match=r"trainer.max_epochs=0"):
+        sized(compose_conf("smoke=true", "trainer.max_epochs=0"))
+    with caplog.at_level("INFO"):
+        sized(compose_conf("smoke=true", "trainer.max_epochs=5"))
+    assert "trainer.max_epochs=1 (was 5)" in caplog.text

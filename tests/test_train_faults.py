@@ -3,6 +3,7 @@ reads as one training (whole history, one MLflow run, nothing RUNNING); a resume
 settings is refused before fitting; a blow-up without NaN is stopped and never handed on."""
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -88,3 +89,15 @@ def test_blow_up_without_nan_stops_the_run_and_hands_nothing_on(make_cfg):
     assert not (Path(cfg.paths.train) / "run.json").exists()
     (run,) = _runs(cfg)
     assert run.info.status == "FAILED"
+
+
+def test_tuned_params_of_another_experiment_are_refused(make_cfg):
+    cfg = make_cfg(*LEARNS)
+    tune_dir = Path(cfg.paths.tune)
+    tune_dir.mkdir(parents=True)
+    (tune_dir / "best_params.yaml").write_text("model.norm: batch\n")
+    tuned_for = {"data": "table_csv", "model": "mlp", "task": "regressor"}
+    (tune_dir / "study.json").write_text(json.dumps({"tuned_for": tuned_for}))
+    with pytest.raises(ValueError, match=r"tuned for .*table_csv.*train.use_tuned=false"):
+        train(cfg)
+    assert not _runs(cfg)  # refused before anything was fitted or logged

@@ -3,10 +3,15 @@ conf/tiny/); `sized` is where every stage applies them, on the config it was giv
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
+
+from dlpipe.schema import check_config
+
+log = logging.getLogger(__name__)
 
 
 def sized(cfg: DictConfig) -> DictConfig:
@@ -23,8 +28,20 @@ def sized(cfg: DictConfig) -> DictConfig:
         tiny = cfg.pop("tiny", None)
     if not cfg.get("smoke") or tiny is None:
         return cfg
+    # The values given are checked before tiny replaces them: a bad one is an error at any size.
+    check_config(cfg)
     sized_cfg = OmegaConf.merge(cfg, tiny)
     fixed = set(_leaf_keys(OmegaConf.to_container(tiny, resolve=True)))
+    changed = {
+        key: (OmegaConf.select(cfg, key), OmegaConf.select(sized_cfg, key))
+        for key in sorted(fixed)
+        if OmegaConf.select(cfg, key) != OmegaConf.select(sized_cfg, key)
+    }
+    if changed:
+        log.info(
+            "smoke=true sets %s (change a smoke size with tiny.<key>=...)",
+            ", ".join(f"{k}={new} (was {old})" for k, (old, new) in changed.items()),
+        )
     if "search" in sized_cfg:
         # Assigned whole: a merge could not remove the leaves.
         sized_cfg.search = _without(OmegaConf.to_container(sized_cfg.search), fixed)

@@ -169,10 +169,15 @@ def relocate_store(db: Path, old_root: Path, new_root: Path) -> int:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m dlpipe.tracking",
-        description="relocate: point a moved project's SQLite MLflow store at its new folder",
+        description="relocate: point a copied or moved project's SQLite MLflow store at its "
+        "new folder. Run it in the project folder: every stored <old folder>/mlruns/... path "
+        "(experiments, runs, logged models, model versions) becomes <this folder>/mlruns/...; "
+        "copy the old mlruns/ along first if it did not move with the project.",
     )
     parser.add_argument("command", choices=["relocate"])
-    parser.add_argument("--db", type=Path, default=Path("mlflow.db"), help="the store's file")
+    parser.add_argument(
+        "--db", type=Path, default=Path("mlflow.db"), help="the store's file (default: mlflow.db)"
+    )
     args = parser.parse_args(argv)
     here = args.db.resolve().parent
     total = 0

@@ -62,9 +62,23 @@ def _has_key(cfg: DictConfig, dotted: str) -> bool:
     return isinstance(node, DictConfig) and leaf in node
 
 
-def tuned_params(tune_dir: str | Path) -> dict[str, Any]:
+def tuned_params(tune_dir: str | Path, cfg: DictConfig | None = None) -> dict[str, Any]:
+    """The tune stage's best parameters ({} if it has not run). With `cfg`, ValueError when
+    they were tuned for another data, model or task (a stage run alone after another
+    experiment's tuning), naming both and the fix."""
     path = Path(tune_dir) / "best_params.yaml"
-    return yaml.safe_load(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        return {}
+    study = Path(tune_dir) / "study.json"
+    if cfg is not None and study.exists():
+        tuned_for = json.loads(study.read_text()).get("tuned_for")
+        now = {"data": cfg.data.name, "model": cfg.model.name, "task": cfg.task.name}
+        if tuned_for is not None and tuned_for != now:
+            raise ValueError(
+                f"{path} was tuned for {tuned_for}, not {now}: run the tune stage for this "
+                "config first (dvc repro does), or train without it: train.use_tuned=false"
+            )
+    return yaml.safe_load(path.read_text())
 
 
 def fit(
@@ -154,7 +168,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit with the tuned parameters; write checkpoints and `run.json` (the MLflow run id) for
     the stages that follow."""
     check_config(cfg)
-    tuned = tuned_params(cfg.paths.tune) if cfg.train.use_tuned else {}
+    tuned = tuned_params(cfg.paths.tune, cfg) if cfg.train.use_tuned else {}
     if tuned:
         log.info("applying tuned parameters from %s: %s", cfg.paths.tune, tuned)
         cfg = with_overrides(cfg, tuned)

@@ -245,6 +245,7 @@ def tune(cfg: DictConfig) -> dict[str, Any]:
     counts = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,))) for s in FINISHED}
     summary = {
         "study_name": study.study_name,
+        "tuned_for": {"data": cfg.data.name, "model": cfg.model.name, "task": cfg.task.name},
         "storage": storage_url,
         "best_trial": study.best_trial.number,
         "best_value": study.best_value,

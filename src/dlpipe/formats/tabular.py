@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 TRANSFORM = "transform.pkl"  # the fitted ColumnTransformer (pickle), shipped with the model
 EXAMPLE_ROWS = "test_rows.csv"  # the test split's raw feature rows, for examples and checks
 TARGET_KINDS = ("auto", "classification", "regression")
+DECIMAL_COMMA = r"-?\d+(\.\d{3})*,\d+"  # 3,5 or 1.000,25: a number from a comma-decimal locale
 
 INPUT_DOC = (
     "pandas DataFrame of raw rows with the table's original feature columns (the target and "
@@ -147,11 +148,22 @@ def read_table(data: Mapping, raw_dir: Path, manifest: Mapping) -> pd.DataFrame:
         (column,) = frame.columns
         found = [d for d in (";", "\t", "|") if d in str(column) and d != data["delimiter"]]
         if found:
+            # Quoted for the shell: bash would eat the quotes of data.delimiter=';'.
             raise DataError(
                 f"{source} reads as one column {str(column)[:60]!r}: its header is separated "
-                f"by {found[0]!r}, not data.delimiter={data['delimiter']!r}. Set "
-                f"data.delimiter={found[0]!r} (and data.decimal=',' if numbers are written "
-                "3,5)"
+                f"by {found[0]!r}, not data.delimiter={data['delimiter']!r}. Add "
+                f'"data.delimiter={found[0]!r}" (and "data.decimal=\',\'" if numbers are '
+                "written 3,5)"
+            )
+    if data["decimal"] != ",":
+        commas = [
+            c for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])
+            and frame[c].dropna().astype(str).str.fullmatch(DECIMAL_COMMA).mean() > 0.9
+        ]  # fmt: skip
+        if commas:
+            raise DataError(
+                f"{source}: columns {commas[:5]} hold numbers written with a decimal comma "
+                "(e.g. 3,5), read as text: add \"data.decimal=','\""
             )
     return frame
 
