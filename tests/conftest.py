@@ -28,6 +28,8 @@ from dlpipe.smoke import sized
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # $DLPIPE_DATA_MIRROR if set (point it at a missing folder to see what runs without the
 # mirror), else shared/datasets next to the repo.
+NO_MIRROR = "no dataset mirror"
+REQUIRE_MIRROR = "DLPIPE_REQUIRE_MIRROR"  # =1: a missing mirror fails the real-data tests
 MIRROR = Path(
     os.environ.get(MIRROR_ENV) or Path(__file__).resolve().parents[2] / "shared" / "datasets"
 )
@@ -61,8 +63,24 @@ def data_config() -> Callable[..., dict]:
 @pytest.fixture(scope="session")
 def mirror() -> Path:
     if not (MIRROR / "fashion-mnist").is_dir():
-        pytest.skip(f"no dataset mirror at {MIRROR} (expected shared/datasets next to the repo)")
+        message = f"{NO_MIRROR} at {MIRROR} (expected shared/datasets next to the repo)"
+        if os.environ.get(REQUIRE_MIRROR) == "1":  # CI has the mirror: a skip there is a failure
+            pytest.fail(f"{message}, and {REQUIRE_MIRROR}=1 says every real-data test must run")
+        pytest.skip(message)
     return MIRROR
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """One line saying how many real-data tests did not run, and why, so "N passed" is not
+    read as the whole suite."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if NO_MIRROR in str(r.longrepr)]
+    if skipped:
+        terminalreporter.write_line(
+            f"{len(skipped)} real-data tests skipped: {NO_MIRROR} at {MIRROR}; set "
+            f"{MIRROR_ENV} to a copy of shared/datasets to run them",
+            yellow=True,
+            bold=True,
+        )
 
 
 @pytest.fixture(scope="session")
