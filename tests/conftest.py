@@ -13,6 +13,7 @@ from typing import NamedTuple
 import mlflow
 import numpy as np
 import pytest
+import services  # tests/services.py
 import synthetic  # tests/synthetic.py
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -81,6 +82,14 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             yellow=True,
             bold=True,
         )
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Callable[[str], str]]:
+    """postgres("study"): a fresh database on one real PostgreSQL server per session (tests/
+    services.py, 127.0.0.1 only, stopped by PID); returns its SQLAlchemy URL."""
+    with services.postgres_server() as url:
+        yield functools.partial(services.new_database, url)
 
 
 @pytest.fixture(scope="session")
