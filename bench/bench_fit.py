@@ -125,6 +125,8 @@ def raw_loop(cfg: DictConfig, device: torch.device) -> dict:
         **model_kw,
     ).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    if cfg.train.compile:  # as the classifier module does with train.compile=true
+        net = torch.compile(net)
     epochs, bs, n = cfg.trainer.max_epochs, cfg.train.batch_size, len(y_tr)
     steps_per_epoch = -(-n // bs)  # drop_last=False, like the datamodule
     sched = torch.optim.lr_scheduler.OneCycleLR(
@@ -221,7 +223,7 @@ def _timed(fn: Callable, stats: dict, name: str) -> Callable:
 def timed_mlflow_logger(stats: dict):
     """Inside: the MLFlowLogger that `fit` builds gets its logging methods (and its construction,
     which opens the store) wrapped with timers. Bench-only; src is untouched."""
-    real = dlpipe.train.MLFlowLogger
+    real = dlpipe.train.ServerLogger  # the MLFlowLogger subclass fit builds
 
     def build(*args, **kwargs):
         logger = _timed(real, stats, "MLFlowLogger() (opens store)")(*args, **kwargs)
@@ -229,11 +231,11 @@ def timed_mlflow_logger(stats: dict):
             setattr(logger, name, _timed(getattr(logger, name), stats, name))
         return logger
 
-    dlpipe.train.MLFlowLogger = build
+    dlpipe.train.ServerLogger = build
     try:
         yield
     finally:
-        dlpipe.train.MLFlowLogger = real
+        dlpipe.train.ServerLogger = real
 
 
 def bench_fit(cfg: DictConfig, device: torch.device) -> dict:
@@ -357,6 +359,7 @@ def report(
     fits: list[dict],
     dvc: dict | None,
     load: tuple[float, float],
+    plain: list[dict],
 ) -> str:
     n_tr = len(load_split(cfg.paths.processed, "train")[1])
     lines = [
@@ -370,7 +373,8 @@ def report(
         f"batch {cfg.train.batch_size}, {cfg.optim.name} + {cfg.optim.scheduler}, precision "
         f"{cfg.trainer.precision}, {args.epochs} epochs (first excluded) x {args.repeats} "
         "repeat(s), raw and fit interleaved; fit = default "
-        "config (progress bar on, MLflow on, early stopping off, no checkpoints)"
+        "config (progress bar on, MLflow on with system metrics every "
+        f"{cfg.mlflow.system_metrics_s} s, early stopping off, no checkpoints)"
         + (f"; overrides `{' '.join(args.overrides)}`" if args.overrides else ""),
         "",
         "| loop | train+val s/epoch | full epoch s | full epoch s, quiet epochs | "
@@ -404,6 +408,16 @@ def report(
         f"| **ratio fit/raw** (goal ≤ 1.10) | **{ratio['window_s']:.3f}** | "
         f"{ratio['epoch_s']:.3f} | {quiet_ratio} | {wall['fit'] / wall['raw']:.3f} | |"
     )
+    if plain:  # --without-system-metrics: the same fit with MLflow's monitor off
+        off = {
+            k: statistics.mean(steady(plain, k)) / statistics.mean(steady(raws, k))
+            for k in ("window_s", "epoch_s")
+        }
+        off_wall = statistics.mean(run["wall_s"] for run in plain)
+        lines.append(
+            f"| ratio fit/raw, system metrics off | {off['window_s']:.3f} | "
+            f"{off['epoch_s']:.3f} | | {off_wall / wall['raw']:.3f} | {plain[-1]['val_acc']:.4f} |"
+        )
     lines.append("\nFull epochs in s (other processes' CPU share), warm-up first, per repeat:")
     for name, runs in (("raw", raws), ("fit", fits)):
         epochs = " / ".join(
@@ -477,6 +491,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="raw/fit pairs, interleaved")
     parser.add_argument("--dvc-reps", type=int, default=3, help="no-op repros timed; 0 = skip")
     parser.add_argument(
+        "--without-system-metrics",
+        action="store_true",
+        help="also fit with mlflow.system_metrics_s=null, interleaved: the cost of MLflow's "
+        "system metrics monitor (one more table row)",
+    )
+    parser.add_argument(
         "--smoke", action="store_true", help="at smoke size (smoke=true): prints, writes nothing"
     )
     args = parser.parse_args()
@@ -521,15 +541,18 @@ def main() -> None:
         )
         device = torch.device(args.device)
         load_start = os.getloadavg()[0]
-        raws, fits = [], []
+        raws, fits, plain = [], [], []
         for _ in range(args.repeats):
             raws.append(raw_loop(cfg, device))
             fits.append(bench_fit(cfg, device))
+            if args.without_system_metrics:
+                off = dlpipe.train.with_overrides(cfg, {"mlflow.system_metrics_s": None})
+                plain.append(bench_fit(off, device))
         load = (load_start, os.getloadavg()[0])
     finally:
         shutil.rmtree(store, ignore_errors=True)
     dvc = bench_dvc(mirror, args.dvc_reps) if args.dvc_reps > 0 else None
-    table = report(args, cfg, raws, fits, dvc, load)
+    table = report(args, cfg, raws, fits, dvc, load, plain)
     print("\n" + table)
     if dvc is not None:
         print("last no-op `dvc repro` said:\n" + dvc["last_output"])

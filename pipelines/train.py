@@ -3,14 +3,16 @@
 import hydra
 from omegaconf import DictConfig
 
+from dlpipe.errors import reported
 from dlpipe.smoke import sized
 from dlpipe.train import train
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    cfg = sized(cfg)  # smoke=true: the tiny sizes (conf/config.yaml)
-    train(cfg)
+    with reported("train"):  # a UserError: its one-line message, exit 1
+        cfg = sized(cfg)  # smoke=true: the tiny sizes (conf/config.yaml)
+        train(cfg)
 
 
 if __name__ == "__main__":

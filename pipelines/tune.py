@@ -3,14 +3,16 @@
 import hydra
 from omegaconf import DictConfig
 
+from dlpipe.errors import reported
 from dlpipe.smoke import sized
 from dlpipe.tune import tune
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    cfg = sized(cfg)  # smoke=true: the tiny sizes (conf/config.yaml)
-    tune(cfg)
+    with reported("tune"):  # a UserError: its one-line message, exit 1
+        cfg = sized(cfg)  # smoke=true: the tiny sizes (conf/config.yaml)
+        tune(cfg)
 
 
 if __name__ == "__main__":

@@ -141,3 +141,43 @@ def new_database(url: str, name: str) -> str:
     with psycopg.connect(plain, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     return f"{base}/{name}"
+
+
+@contextmanager
+def mlflow_server(backend_uri: str, artifacts: Path, log: Path) -> Iterator[tuple[str, int]]:
+    """`mlflow server` on 127.0.0.1 with `backend_uri` as its backend store and the artifacts
+    proxied through it into `artifacts` (clients need no shared file system). Yields
+    (`http://127.0.0.1:<port>`, server PID); stopped by that PID on exit (idempotent, so a test
+    may stop it early to take the server away)."""
+    import sys
+
+    from dlpipe.tracking import server_down
+
+    port = free_port()
+    # Without its job runner (seven huey worker processes for GenAI scoring and trace
+    # archival, which dlpipe never uses): it starts faster and leaves nothing behind.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with open(log, "w") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
+             "--artifacts-destination", str(artifacts), "--host", "127.0.0.1",
+             "--port", str(port), "--workers", "1"],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_port(port, 180, server)
+        # The port opens before the app has started: wait for its /health to answer too.
+        deadline = time.monotonic() + 120
+        while server_down(uri, timeout_s=10) is not None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        yield uri, server.pid
+    finally:
+        # Its own session: the uvicorn worker goes with the server's process group.
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()

@@ -32,6 +32,9 @@ from dlpipe.train import train
 
 # A setup that learns within an epoch on 1600 samples (see test_train.py).
 LEARNS = ("model=mlp", "optim.scheduler=none", "optim.lr=0.03", "train.batch_size=128")
+# The champion-vs-champion gate alone: the classical baseline's floor has its own tests
+# (test_baselines.py); the linear baseline reads these synthetic images almost perfectly.
+CHAMPION_ONLY = "register.require_beat_baseline=false"
 TEST_METRICS = {
     "test/loss",
     "test/acc",
@@ -53,7 +56,7 @@ def _pipeline(cfg: DictConfig) -> dict:
 def champion(cfg_factory, tmp_path_factory) -> Iterator[DictConfig]:
     """One trained, evaluated and registered model, shared by the read-only tests below."""
     before = os.environ.get("MLFLOW_TRACKING_URI")
-    cfg = cfg_factory(tmp_path_factory.mktemp("champion"), *LEARNS)
+    cfg = cfg_factory(tmp_path_factory.mktemp("champion"), *LEARNS, CHAMPION_ONLY)
     _pipeline(cfg)
     yield cfg
     mlflow.set_tracking_uri(before)
@@ -70,8 +73,10 @@ def test_evaluate_writes_reports_and_logs_them_to_the_train_run(champion):
     classes, n_test = meta["classes"], meta["sizes"]["test"]
 
     metrics = json.loads((out.parent / "metrics.json").read_text())
-    assert set(metrics) == TEST_METRICS
-    assert all(0 <= v <= 1 for k, v in metrics.items() if k != "test/loss")
+    twins = {k.replace("test/", p) for k in TEST_METRICS for p in ("baseline/", "chance/")}
+    assert set(metrics) == TEST_METRICS | twins  # the classical baseline's and chance's too
+    assert all(0 <= v <= 1 for k, v in metrics.items() if not k.endswith("/loss"))
+    assert metrics["chance/roc_auc_ovr_macro"] == 0.5 and metrics["chance/acc"] < 0.15
     assert metrics["test/acc"] > 0.25 and metrics["test/roc_auc_ovr_macro"] > 0.7  # it learned
 
     per_class = json.loads((out / "per_class.json").read_text())
@@ -100,6 +105,7 @@ def test_evaluate_writes_reports_and_logs_them_to_the_train_run(champion):
     artifacts = {a.path for a in client.list_artifacts(run["run_id"], "evaluate")}
     assert artifacts == {f"evaluate/{p.name}" for p in out.iterdir()}
     assert artifacts == {
+        "evaluate/baseline.json",
         "evaluate/per_class.json",
         "evaluate/confusion.png",
         "evaluate/confusion.csv",
@@ -113,24 +119,28 @@ def test_champion_gate(make_cfg):
     def aliases() -> dict[str, int]:
         return {k: int(v) for k, v in client.get_registered_model(name).aliases.items()}
 
-    first = _pipeline(make_cfg(*LEARNS))
+    first = _pipeline(make_cfg(*LEARNS, CHAMPION_ONLY))
     assert (first["version"], first["decision"]) == (1, "promoted to champion")
     assert first["champion_value_before"] is None
     assert aliases() == {"champion": 1, "challenger": 1}
 
-    # A model that cannot learn: registered, a challenger, but not the champion.
-    worse = _pipeline(make_cfg(*LEARNS, "optim.lr=1e-7"))
+    # A model that cannot learn: registered, a challenger, but not the champion (and said so
+    # differently when it is no better than chance either).
+    worse = _pipeline(make_cfg(*LEARNS, CHAMPION_ONLY, "optim.lr=1e-7"))
     assert worse["value"] < first["value"] == worse["champion_value_before"]
-    assert (worse["version"], worse["decision"]) == (2, "kept v1 as champion")
+    kept = "kept v1 as champion"
+    if worse["value"] <= worse["floors"]["chance"]:
+        kept = "not promoted: no better than chance; v1 stays champion"
+    assert (worse["version"], worse["decision"]) == (2, kept)
     assert worse["champion_version"] == 1
     assert aliases() == {"champion": 1, "challenger": 2}
     tags = client.get_model_version(name, "2").tags
-    assert tags["gate.decision"] == "kept v1 as champion"
+    assert tags["gate.decision"] == kept
     assert tags["gate.champion_version"] == "1"
     assert float(tags["gate.champion_value"]) == pytest.approx(first["value"])
     assert float(tags["test/acc"]) == pytest.approx(worse["value"])
 
-    better = _pipeline(make_cfg(*LEARNS, "model.width=32", "trainer.max_epochs=2"))
+    better = _pipeline(make_cfg(*LEARNS, CHAMPION_ONLY, "model.width=32", "trainer.max_epochs=2"))
     assert better["value"] > first["value"]
     assert (better["version"], better["decision"]) == (3, "promoted to champion over v1")
     assert aliases() == {"champion": 3, "challenger": 3}

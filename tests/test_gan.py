@@ -184,8 +184,14 @@ def test_fmnist_dcgan_reports_and_the_registered_generator(smoke_run):
     cfg, results, champion = smoke_run("fmnist_dcgan")
     assert results["train"]["monitor"] == "val/fid" and results["train"]["best_score"] > 0
     metrics = results["evaluate"]
-    assert set(metrics) == {"test/fid", "test/fid_floor", "test/class_entropy_ratio"}
+    assert set(metrics) == {
+        "test/fid",
+        "test/fid_floor",
+        "test/class_entropy_ratio",
+        "baseline/fid",
+    }
     assert metrics["test/fid"] > metrics["test/fid_floor"] > 0
+    assert metrics["baseline/fid"] > metrics["test/fid_floor"]  # PCA-Gaussian samples aren't real
     assert 0 <= metrics["test/class_entropy_ratio"] <= 1
     files = Path(cfg.paths.reports) / "evaluate" / "files"
     histogram = json.loads((files / "class_histogram.json").read_text())

@@ -124,6 +124,37 @@ def test_dvc_deps_are_what_the_stage_imports(stage):
     assert f"pipelines/{stage}.py" in deps
 
 
+# What each stage's process must not load (issue 13): every import costs seconds in every fresh
+# stage interpreter. collect and preprocess (with every format module they may dispatch to) need
+# no Lightning, MLflow or Optuna; evaluate and register load Lightning only through the task
+# module that get_task picks at run time (tasks/<name>.py holds the LightningModule).
+NOT_LOADED = {
+    "collect": ("lightning", "mlflow", "optuna"),
+    "preprocess": ("lightning", "mlflow", "optuna"),
+    "evaluate": ("lightning", "optuna"),
+    "register": ("lightning", "optuna"),
+}
+
+
+@pytest.mark.parametrize("stage", sorted(NOT_LOADED))
+def test_stage_imports_no_heavy_package_it_does_not_use(stage):
+    dispatch = tuple(p for p in DISPATCH[stage] if p != "dlpipe.tasks")
+    code = f"""
+import importlib, importlib.util, json, pkgutil, sys
+script = importlib.util.spec_from_file_location("stage_script", "pipelines/{stage}.py")
+script.loader.exec_module(importlib.util.module_from_spec(script))  # its imports, not main()
+for package in {dispatch!r}:
+    for info in pkgutil.iter_modules(importlib.import_module(package).__path__):
+        importlib.import_module(f"{{package}}.{{info.name}}")
+print(json.dumps([p for p in {NOT_LOADED[stage]!r} if p in sys.modules]))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not loaded, f"pipelines/{stage}.py loads {loaded}, which it does not use"
+
+
 def test_every_torch_load_says_weights_only():
     """torch.load unpickles arbitrary code unless weights_only=True; relying on torch's current
     default is relying on something that has changed before."""

@@ -3,6 +3,7 @@ every conf option composes; params.yaml is what conf/ composes to; every search 
 config keys."""
 
 import inspect
+import subprocess
 from pathlib import Path
 
 import lightning as L
@@ -21,7 +22,14 @@ from dlpipe.tune import suggest
 CONF = Path(__file__).resolve().parents[1] / "conf"
 MODELS = available_models()
 PREDICTORS = [m for m in MODELS if m not in generative_models()]  # raw inputs -> logits
-IMAGE_MODELS = [m for m in PREDICTORS if m != "gpt"]  # gpt is a causal language model only
+# per-frame CTC acoustic models over feature sequences: tested in tests/test_transcriber.py
+CTC_MODELS = ("crnn", "conv_transformer")
+# gpt is a causal language model only; ft_transformer makes each of a row's features a token
+# (784 or 3072 tokens per image here): tested on table rows in tests/test_fraud.py; fasttext
+# takes token ids only (the padding test below).
+IMAGE_MODELS = [
+    m for m in PREDICTORS if m not in ("gpt", "ft_transformer", "fasttext", *CTC_MODELS)
+]
 SMALL = {  # per model: the config keys that shrink it to test size
     "mlp": {"width": 8},
     "cnn": {"width": 8},
@@ -33,7 +41,16 @@ SMALL = {  # per model: the config keys that shrink it to test size
     "dcgan": {"latent_dim": 8, "g_width": 8, "d_width": 8},
     "autoencoder": {"width": 8, "latent_dim": 6},
     "vae": {"width": 8, "latent_dim": 6},
+    "fasttext": {"embed_dim": 8, "hidden_size": 8, "buckets": 100},
+    "ft_transformer": {"d_model": 8, "nhead": 2, "dim_feedforward": 16},
+    "mlp_autoencoder": {"width": 8, "latent_dim": 4},
+    "crnn": {"channels": 4, "hidden_size": 8},
+    "conv_transformer": {"channels": 4, "d_model": 8, "nhead": 2, "dim_feedforward": 16},
+    "seq2seq_transformer": {"d_model": 8, "nhead": 2, "dim_feedforward": 16},
+    "seq2seq_rnn": {"embed_dim": 8, "hidden_size": 8},
 }
+# encoder-decoders over token ids (task=translator): tested in tests/test_translation.py
+TRANSLATORS = ("seq2seq_transformer", "seq2seq_rnn")
 INPUT_SHAPES = [
     (28, 28),
     (32, 32, 3),
@@ -45,8 +62,34 @@ def _build(model: dict, input_shape: tuple[int, ...]) -> torch.nn.Module:
     """The network a `model:` config section describes, for `input_shape` inputs."""
     kwargs = dict(model)
     channels = input_shape[2] if len(input_shape) == 3 else 1
+    if kwargs["name"] in TRANSLATORS:  # source and target token ids in, target logits out
+        return create_model(
+            kwargs.pop("name"),
+            input_shape=(32,),
+            input_kind="tokens",
+            vocab_size=NUM_CLASSES,
+            **kwargs,
+        )
     if kwargs["name"] in generative_models():  # built from the image shape alone
         return create_model(kwargs.pop("name"), input_shape=input_shape, **kwargs)
+    if kwargs["name"] in CTC_MODELS:  # (frames, mels) features in, per-frame logits out
+        return create_model(
+            kwargs.pop("name"),
+            input_shape=(None, input_shape[1]),
+            num_classes=NUM_CLASSES,
+            input_kind="features",
+            per_step=True,
+            **kwargs,
+        )
+    if kwargs["name"] == "fasttext":  # token ids in, one prediction per text
+        return create_model(
+            kwargs.pop("name"),
+            input_shape=(32,),
+            num_classes=NUM_CLASSES,
+            input_kind="tokens",
+            vocab_size=50,
+            **kwargs,
+        )
     if kwargs["name"] == "gpt":  # tokens in, next-token logits out
         return create_model(
             kwargs.pop("name"),
@@ -183,15 +226,28 @@ def test_every_model_option_is_registered_and_vice_versa():
 
 
 def test_params_yaml_is_the_default_composition(tmp_path):
-    # What `dvc exp run` regenerates params.yaml with: a stale committed copy would silently
-    # train with different settings than conf/ says.
+    # What `dvc repro` reads: a stale committed copy would silently train with other settings
+    # than conf/ says. `dvc exp run -S key=value` rewrites params.yaml with the experiment's
+    # composition, which is no drift: then, if conf/ is as committed, the committed copy is
+    # what must be conf/'s default composition.
     dumped = tmp_path / "params.yaml"
     compose_and_dump(dumped, str(CONF), None, "config", "", [])
-    committed = CONF.parent / "params.yaml"
-    assert yaml.safe_load(committed.read_text()) == yaml.safe_load(dumped.read_text()), (
-        "params.yaml drifted from conf/: regenerate it with "
-        "`dvc exp run --dry` or compose_and_dump(params.yaml, conf, None, 'config', '', [])"
+    default = yaml.safe_load(dumped.read_text())
+    root = CONF.parent
+    workspace = yaml.safe_load((root / "params.yaml").read_text())
+    fix = (
+        "regenerate it with `dvc exp run --dry` or compose_and_dump('params.yaml', 'conf', None, "
+        "'config', '', [])"
     )
+    if workspace == default:
+        return
+    git = ["git", "-C", str(root)]
+    conf_as_committed = subprocess.run([*git, "diff", "--quiet", "HEAD", "--", "conf"]).returncode
+    assert conf_as_committed == 0, f"params.yaml is not conf/'s default composition: {fix}"
+    committed = subprocess.run(
+        [*git, "show", "HEAD:params.yaml"], capture_output=True, text=True, check=True
+    ).stdout
+    assert yaml.safe_load(committed) == default, f"the committed params.yaml drifted: {fix}"
 
 
 def _trained_by(model: str) -> str:
@@ -253,6 +309,7 @@ def _token_model(name: str, per_step: bool = False, **overrides) -> torch.nn.Mod
         ("gru", {"bidirectional": False}),
         ("transformer", {"pooling": "mean"}),
         ("transformer", {"pooling": "cls"}),
+        ("fasttext", {"word_ngrams": 3}),
     ],
     ids=str,
 )
@@ -321,7 +378,7 @@ def test_conditional_search_space_samples_each_branch_its_own_leaves():
         "optim": {
             "name": {"type": "categorical", "choices": ["adam", "sgd"]},
             "lr": {"type": "float", "low": 1e-4, "high": 1e-3, "when": {"optim.name": ["adam"]}},
-            "lr@sgd": {"type": "float", "low": 0.01, "high": 0.2, "when": {"optim.name": "sgd"}},
+            "lr__sgd": {"type": "float", "low": 0.01, "high": 0.2, "when": {"optim.name": "sgd"}},
             "momentum": {"type": "float", "low": 0.8, "high": 0.9, "when": {"optim.name": "sgd"}},
         }
     }

@@ -226,13 +226,17 @@ def test_adapter_takes_lists_frames_and_series(sst2: Path):
             adapter(bad)
 
 
-@pytest.mark.parametrize("experiment", ["sms_gru", "sst2_lstm", "sst2_transformer"])
+@pytest.mark.parametrize(
+    "experiment", ["sms_gru", "sst2_lstm", "sst2_transformer", "sst2_fasttext"]
+)
 def test_experiment_serves_strings(experiment: str, smoke_run):
-    # All six stages at smoke size, run once per session: see tests/test_smoke.py.
+    # All six stages at smoke size, run once per session: see tests/test_smoke.py (which also
+    # checks the gate's decision: a smoke-size model is @champion only above chance).
     cfg, results, champion = smoke_run(experiment)
-    assert results["register"]["decision"].startswith("promoted")
     metrics = results["evaluate"]
     assert {"test/acc", "test/f1_macro", "test/roc_auc_ovr_macro"} <= set(metrics)
+    # The TF-IDF baseline, fitted on the same train split, reads the texts better than chance.
+    assert metrics["baseline/acc"] > metrics["chance/acc"]
     model = mlflow.pyfunc.load_model(str(champion))
     classes = load_meta(cfg.paths.processed)["classes"]
     texts = ["a gripping , funny film", "free entry ! text win to 80086 now", "dull"]

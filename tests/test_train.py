@@ -12,6 +12,7 @@ from mlflow import MlflowClient
 
 from dlpipe.callbacks import DivergedError
 from dlpipe.data import load_meta
+from dlpipe.errors import ConfigError
 from dlpipe.tasks.classifier import Classifier
 from dlpipe.train import to_dict, train
 
@@ -39,13 +40,16 @@ def test_train_writes_outputs_and_a_complete_mlflow_run(make_cfg):
     assert info["epochs"] == 2 and 0.3 < info["best_score"] <= 1
     history = (Path(cfg.paths.reports) / "train" / "history.csv").read_text().splitlines()
     assert history[0] == "epoch,train/acc,train/loss,val/acc,val/loss" and len(history) == 3
+    curves = {p.name for p in (Path(cfg.paths.reports) / "train" / "plots").iterdir()}
+    assert {"acc.png", "loss.png"} <= curves  # what a classifier logs, drawn for dvc plots
     module = Classifier.load_from_checkpoint(out / info["best_checkpoint"], map_location="cpu")
     assert module.hparams.model == to_dict(cfg.model)
 
     client = MlflowClient(cfg.mlflow.tracking_uri)
     assert info["tracking_uri"] == cfg.mlflow.tracking_uri
     run = client.get_run(info["run_id"])
-    assert run.info.run_name == "train" and run.info.status == "FINISHED"
+    assert run.info.run_name == f"train {cfg.model.name} {cfg.data.name} {run.info.run_id[:6]}"
+    assert run.info.status == "FINISHED"
     assert client.get_experiment(run.info.experiment_id).name == cfg.mlflow.experiment
 
     # Params: the full resolved config, flattened.
@@ -121,7 +125,7 @@ def test_resume_continues_from_last_checkpoint(make_cfg):
 
 
 def test_resume_without_a_checkpoint_says_so(make_cfg):
-    with pytest.raises(FileNotFoundError, match="train.resume=true"):
+    with pytest.raises(ConfigError, match="train.resume=true"):
         train(make_cfg("train.resume=true"))
 
 
@@ -150,5 +154,5 @@ def test_tuned_params_with_an_unknown_key_fail(make_cfg):
     cfg = make_cfg()
     Path(cfg.paths.tune).mkdir(parents=True)
     (Path(cfg.paths.tune) / "best_params.yaml").write_text("model.widht: 12\n")
-    with pytest.raises(KeyError, match="model.widht"):
+    with pytest.raises(ConfigError, match="model.widht"):
         train(cfg)

@@ -1,22 +1,33 @@
 """The Lightning callbacks of the one training path (`train.fit`): divergence, the per-epoch
-history for `dvc plots`, and the record that lets a resumed training continue its MLflow run.
+history for `dvc plots`, the record that lets a resumed training continue its MLflow run,
+throughput and system metrics, and the MLflow logger that outlives its tracking server.
 Each keeps what a resume needs in the checkpoint (`state_dict`)."""
 
 from __future__ import annotations
 
 import csv
+import logging
 import math
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.data import extract_batch_size
 
 from dlpipe.data import write_json
+from dlpipe.errors import UserError
+from dlpipe.tracking import server_down
+
+log = logging.getLogger(__name__)
 
 
-class DivergedError(RuntimeError):
+class DivergedError(UserError, RuntimeError):
     """Training blew up (a non-finite loss, or one far above where it started): the run is
     stopped before it writes anything the next stages would take for a trained model."""
 
@@ -94,6 +105,20 @@ class EpochHistory(Callback):
             writer.writerows(self.rows)
 
 
+class EpochLine(Callback):
+    """One log line per epoch with its train/ and val/ metrics: what a log file gets instead
+    of a progress bar."""
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        metrics = trainer.callback_metrics
+        shown = ", ".join(
+            f"{k}={float(metrics[k]):.4g}"
+            for k in sorted(metrics)
+            if k.startswith(("train/", "val/"))
+        )
+        log.info("epoch %d/%d: %s", trainer.current_epoch + 1, trainer.max_epochs, shown)
+
+
 class RecordRun(Callback):
     """Writes the MLflow run id and `resume_identity` next to the checkpoints when fitting
     starts, so a resume continues that run and can check it is resuming the same setup."""
@@ -104,3 +129,119 @@ class RecordRun(Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
             write_json(self.path, {"run_id": trainer.logger.run_id, "identity": self.identity})
+
+
+class ServerLogger(MLFlowLogger):
+    """An MLFlowLogger that outlives its tracking server. A request that fails after MLflow's
+    (bounded: `tracking.bound_http_retries`) retries while the server's /health does not answer
+    marks the server lost: later metrics are kept in `unsent` instead of sent, and the run is
+    left RUNNING for `train.resume=true` to continue; `StopWhenServerLost` ends the training
+    after that epoch's checkpoint. Any other failure is raised as before."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lost: str | None = None  # why the server stopped answering
+        self.unsent: list[dict[str, Any]] = []  # [{"step": 3, "metrics": {"val/loss": 0.4}}]
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if self.lost is None:
+            try:
+                super().log_metrics(metrics, step)
+                return
+            except Exception as err:  # MlflowException, or a connection error under it
+                self.lost = server_down(self._tracking_uri)
+                if self.lost is None:
+                    raise
+                log.warning(
+                    "MLflow tracking server %s stopped answering (%s; %s): training stops after "
+                    "this epoch's checkpoint, metrics are kept for the resumed run",
+                    self._tracking_uri, self.lost, type(err).__name__,
+                )  # fmt: skip
+        self.unsent.append(
+            {"step": step or 0, "metrics": {k: float(v) for k, v in metrics.items()}}
+        )
+
+    @rank_zero_only
+    def finalize(self, status: str = "success") -> None:
+        if self.lost is None:  # a lost server's run stays RUNNING, to be resumed
+            super().finalize(status)
+
+
+class StopWhenServerLost(Callback):
+    """Ends training at the end of the epoch in which the tracking server went away; the epoch
+    is checkpointed first (ModelCheckpoint, a monitoring callback, runs after this one). All
+    ranks agree, so DDP ranks stop together."""
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        lost = getattr(trainer.logger, "lost", None) is not None
+        if trainer.strategy.reduce_boolean_decision(lost, all=False):
+            trainer.should_stop = True
+
+
+class Throughput(Callback):
+    """`perf/samples_per_s` (training samples of all ranks per second of the epoch's training
+    batches, validation excluded) and, on CUDA, `perf/peak_memory_mb` (the epoch's peak of
+    `torch.cuda.max_memory_allocated`, MiB) per epoch, logged with the epoch's other metrics.
+    Counts batch sizes as they pass (no host sync); the clock is read at the epoch's start and
+    when its validation starts (or its end)."""
+
+    def __init__(self):
+        self.samples, self.start, self.stop = 0, 0.0, None
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+        self.samples, self.start, self.stop = 0, time.perf_counter(), None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.samples += extract_batch_size(batch)
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking and self.stop is None:
+            self.stop = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        seconds = (self.stop or time.perf_counter()) - self.start
+        metrics = {"perf/samples_per_s": self.samples * trainer.world_size / max(seconds, 1e-9)}
+        if pl_module.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(pl_module.device) / 2**20
+            metrics["perf/peak_memory_mb"] = peak
+        pl_module.log_dict(metrics, rank_zero_only=True)
+
+
+class SystemMetrics(Callback):
+    """MLflow's system metrics (`system/cpu_utilization_percentage`, memory, disk, network and,
+    with pynvml and an NVIDIA GPU, `system/gpu_*`) for the run, sampled every `interval_s` s
+    by MLflow's own monitor thread on rank zero; a resumed run continues their steps."""
+
+    def __init__(self, interval_s: float, uri: str, resumed: bool):
+        self.interval_s, self.uri, self.resumed, self.monitor = interval_s, uri, resumed, None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self.monitor = SystemMetricsMonitor(
+            trainer.logger.run_id,
+            sampling_interval=self.interval_s,
+            resume_logging=self.resumed,
+            tracking_uri=self.uri,
+        )
+        self.monitor.start()
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._finish(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, err) -> None:
+        self._finish(trainer)
+
+    def _finish(self, trainer: L.Trainer) -> None:
+        if self.monitor is None:
+            return
+        # With the server lost there is nothing to flush to: the monitor's thread (a daemon)
+        # ends at its next failed request instead.
+        if getattr(trainer.logger, "lost", None) is None:
+            self.monitor.finish()  # stops the thread, flushes the last samples
+        self.monitor = None

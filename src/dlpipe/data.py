@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from dlpipe.errors import UserError
+
 log = logging.getLogger(__name__)
 
 MIRROR_ENV = "DLPIPE_DATA_MIRROR"  # a local folder laid out like shared/datasets/
@@ -32,7 +34,7 @@ SPLITS = ("train", "val", "test")
 CHUNK_BYTES = 1 << 20
 
 
-class DataError(Exception):
+class DataError(UserError):
     """Raw data is missing, malformed or not what the config pins; the message says the fix."""
 
 

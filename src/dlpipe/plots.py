@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -59,3 +59,32 @@ def save_png(image: np.ndarray, path: str | Path, scale: int = 3) -> None:
     Image.fromarray(image).resize((width * scale, height * scale), Image.Resampling.NEAREST).save(
         path
     )
+
+
+def history_curves(rows: Sequence[Mapping[str, float]], out: str | Path) -> list[Path]:
+    """One PNG per metric of a training history (`EpochHistory.rows`: {"epoch": 0,
+    "train/loss": 2.3, "val/loss": 2.2, ...}), train/ and val/ of one name on the same axes,
+    by epoch: `<out>/loss.png`, `<out>/acc.png`... Only what the rows hold is drawn, so each
+    task gets its own curves; pictures, so `dvc plots show` draws them offline. Earlier PNGs
+    in `out` are removed (no stale curve of another task); returns the files written."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.png"):
+        old.unlink()
+    names = sorted({k.split("/", 1)[1] for row in rows for k in row if "/" in k})
+    written = []
+    for name in names:
+        path = out / f"{name.replace('/', '_')}.png"
+        with saved_figure(path, figsize=(6, 4)) as (_, ax):
+            for key in (f"train/{name}", f"val/{name}"):
+                points = [(r["epoch"], r[key]) for r in rows if key in r]
+                if points:
+                    epochs, values = zip(*points, strict=True)
+                    ax.plot(epochs, values, marker="o", label=key)
+            ax.set(title=f"{name} by epoch", xlabel="epoch", ylabel=name)
+            epochs = sorted({r["epoch"] for r in rows})
+            ax.set_xticks(epochs if len(epochs) <= 15 else epochs[:: -(-len(epochs) // 15)])
+            ax.grid(alpha=0.3)
+            ax.legend()
+        written.append(path)
+    return written

@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from dlpipe.errors import ConfigError  # noqa: F401  (raised here; imported from here by callers)
+
 PositiveInt = Annotated[int, Field(strict=True, gt=0)]
 NonNegativeInt = Annotated[int, Field(strict=True, ge=0)]
 Fraction = Annotated[float, Field(gt=0, lt=1)]
@@ -47,15 +49,39 @@ class Trainer(_Section):
 
 
 class Pruner(_Section):
+    name: Literal["median", "percentile", "hyperband", "successive_halving", "none"]
     n_startup_trials: NonNegativeInt
     n_warmup_steps: NonNegativeInt
+    percentile: Annotated[float, Field(gt=0, lt=100)]
+    min_resource: PositiveInt
+    reduction_factor: Annotated[int, Field(strict=True, ge=2)]
+
+
+class Sampler(_Section):
+    name: Literal["tpe", "gp", "cmaes", "random", "qmc", "nsga2"]
+    n_startup_trials: NonNegativeInt
+    multivariate: bool
+    population_size: Annotated[int, Field(strict=True, ge=2)]
+    qmc_type: Literal["sobol", "halton", "lhs"]
+
+
+class Objective(_Section):
+    metric: str
+    direction: Literal["maximize", "minimize"]
 
 
 class Tune(_Section):
     n_trials: PositiveInt
     max_epochs: PositiveInt
     timeout_s: Annotated[float, Field(gt=0)] | None
+    trial_timeout_s: Annotated[float, Field(gt=0)] | None
     direction: Literal["maximize", "minimize"]
+    workers: PositiveInt
+    devices: Literal["auto"] | list[NonNegativeInt]
+    devices_per_trial: PositiveInt
+    objectives: list[Objective]
+    constraints: list[str]
+    sampler: Sampler
     pruner: Pruner
 
 
@@ -69,6 +95,8 @@ class Model(_Section):
     embed_dim: PositiveInt | None = None
     hidden_size: PositiveInt | None = None
     num_layers: PositiveInt | None = None
+    num_encoder_layers: PositiveInt | None = None
+    num_decoder_layers: PositiveInt | None = None
     d_model: PositiveInt | None = None
     nhead: PositiveInt | None = None
     dim_feedforward: PositiveInt | None = None
@@ -80,19 +108,32 @@ class Model(_Section):
     d_width: PositiveInt | None = None
     dropout: Probability | None = None
     beta: Annotated[float, Field(ge=0)] | None = None
+    word_ngrams: PositiveInt | None = None
+    buckets: PositiveInt | None = None
+    channels: PositiveInt | None = None  # crnn, conv_transformer: conv feature maps
+    conv_layers: PositiveInt | None = None
+    time_stride: PositiveInt | None = None
+
+
+class Register(_Section):
+    export: Literal["none", "onnx", "torch_export"] = "onnx"
+    require_beat_baseline: Annotated[bool, Field(strict=True)] = False
+
+
+class Mlflow(_Section):
+    system_metrics_s: Annotated[float, Field(gt=0)] | None = None  # null: off
 
 
 class Config(_Section):
     seed: Annotated[int, Field(strict=True)]
+    # An alias: `register` is a pydantic BaseModel attribute (ABC registration).
+    register_: Register = Field(Register(), alias="register")
+    mlflow: Mlflow = Mlflow()
     optim: Optim
     train: Train
     trainer: Trainer
     tune: Tune
     model: Model
-
-
-class ConfigError(ValueError):
-    """The composed config has values of the wrong type or range; the message lists each."""
 
 
 def check_config(cfg: DictConfig | dict[str, Any]) -> None:

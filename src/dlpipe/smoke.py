@@ -60,10 +60,10 @@ def _leaf_keys(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
 
 
 def _without(space: Mapping[str, Any], fixed: set[str], prefix: str = "") -> dict[str, Any]:
-    """The search space minus the leaves whose config key (`lr@sgd` sets `lr`) is in `fixed`."""
+    """The search space minus the leaves whose config key (`lr__sgd` sets `lr`) is in `fixed`."""
     kept = {}
     for key, spec in space.items():
-        name = f"{prefix}{key.split('@', 1)[0]}"
+        name = f"{prefix}{key.split('__', 1)[0]}"  # as dlpipe.tuning.space.config_key
         if "type" not in spec:
             inner = _without(spec, fixed, f"{name}.")
             if inner:

@@ -3,23 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sqlite3
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from dlpipe.errors import UserError
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+log = logging.getLogger(__name__)
 
 
-class TrackingServerError(RuntimeError):
-    pass
+class TrackingServerError(UserError, RuntimeError):
+    """The configured MLflow tracking server does not answer."""
 
 
-class StoreMovedError(RuntimeError):
+class StoreMovedError(UserError, RuntimeError):
     """A SQLite store's artifacts are recorded under another project folder than its own."""
 
 
@@ -28,22 +33,53 @@ def tracking_uri(configured: str | None) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
-def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail at stage entry, not after an hour of training, when a tracking server is down."""
+def server_down(uri: str, timeout_s: float = 5.0) -> str | None:
+    """Why the tracking server `uri` does not answer its /health now; None when it does (or
+    `uri` is no server)."""
     if not uri.startswith(("http://", "https://")):
-        return
+        return None
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
-            if response.status == 200:
-                return
-            reason = f"HTTP {response.status}"
+            return None if response.status == 200 else f"HTTP {response.status}"
     except (urllib.error.URLError, OSError) as err:
-        reason = str(getattr(err, "reason", err))
+        return str(getattr(err, "reason", err))
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail at stage entry, not after an hour of training, when a tracking server is down."""
+    reason = server_down(uri, timeout_s)
+    if reason is None:
+        return
     raise TrackingServerError(
         f"MLflow tracking server {uri} is unreachable ({reason}). Start it "
         f"(e.g. `mlflow server --host 127.0.0.1 --port 5000`), fix MLFLOW_TRACKING_URI / "
         f"mlflow.tracking_uri, or unset both to use the local store {DEFAULT_TRACKING_URI}."
     )
+
+
+# MLflow retries a failed request to a server 7 times with backoff factor 2, and waits 120 s
+# for an answer: minutes per request once the server is gone, at every epoch end and at the
+# end of the run. A stage bounds that to about 10 s unless these are set already.
+HTTP_RETRIES = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",  # waits 1, 2, 4 s (+ up to 1 s jitter each)
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",  # s per request
+}
+_announced: set[str] = set()
+
+
+def bound_http_retries(uri: str) -> None:
+    """Set MLflow's own HTTP retry settings (`HTTP_RETRIES`, environment variables the user has
+    not set) for a tracking server, and say what they are."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    for name, value in HTTP_RETRIES.items():
+        os.environ.setdefault(name, value)
+    if uri in _announced:  # once per process, not once per tuning trial
+        return
+    _announced.add(uri)
+    settings = ", ".join(f"{name}={os.environ[name]}" for name in HTTP_RETRIES)
+    log.info("requests to the MLflow tracking server %s are retried with %s", uri, settings)
 
 
 def setup_mlflow(configured_uri: str | None, experiment: str) -> str:
@@ -53,18 +89,43 @@ def setup_mlflow(configured_uri: str | None, experiment: str) -> str:
     uri = tracking_uri(configured_uri)
     check_reachable(uri)
     check_store_location(uri)
+    bound_http_retries(uri)
+    if not sys.stderr.isatty():  # a log file: MLflow's download bars would fill it with \r
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     mlflow.set_tracking_uri(uri)
-    return mlflow.set_experiment(experiment).experiment_id
+    found = mlflow.set_experiment(experiment)
+    mark_experiment(mlflow.MlflowClient(), found)
+    return found.experiment_id
+
+
+# MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, no runs table);
+# "custom_model_development" is the UI's kind for model training (the runs table).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
+def mark_experiment(client: Any, experiment: Any) -> None:
+    """Tag `experiment` (an mlflow Experiment) as model training, unless already tagged."""
+    key, value = EXPERIMENT_KIND
+    if key not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, key, value)
+
+
+# What DVC writes for every run: params.yaml (the composition `dvc exp run -S` rewrites; the run
+# records it whole as params and config.yaml) and dvc.lock (the outputs' hashes). Neither makes
+# the code differ from the commit, so neither makes a run dirty.
+RUN_WRITTEN = ("params.yaml", "dvc.lock")
 
 
 def git_commit() -> dict[str, str]:
-    """The commit the code ran from, and whether the working tree had uncommitted changes."""
+    """The commit the code ran from, and whether tracked files differ from it (`git_dirty`),
+    not counting the RUN_WRITTEN files."""
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
         ).stdout.strip()
+        excluded = [f":(top,exclude){name}" for name in RUN_WRITTEN]
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":/", *excluded],
             capture_output=True,
             text=True,
             check=True,

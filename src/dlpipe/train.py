@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -21,17 +22,27 @@ from lightning.pytorch.callbacks import (
     TQDMProgressBar,
 )
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from dlpipe.callbacks import (
     EpochHistory,
+    EpochLine,
     FailOnDivergence,
     RecordRun,
+    ServerLogger,
+    StopWhenServerLost,
+    SystemMetrics,
+    Throughput,
 )
 from dlpipe.data import load_meta, write_json
-from dlpipe.schema import check_config
+from dlpipe.plots import history_curves
+from dlpipe.run_labels import log_splits, name_run
+from dlpipe.schema import ConfigError, check_config
 from dlpipe.tasks import divergence_hint, get_task
 from dlpipe.tracking import (
+    TrackingServerError,
+    bound_http_retries,
     check_reachable,
     check_store_location,
     flatten,
@@ -40,6 +51,20 @@ from dlpipe.tracking import (
 )
 
 log = logging.getLogger(__name__)
+
+# Lightning's start-up lines that nobody acts on (which accelerators exist, an advertisement for
+# its cloud logger, a step estimate); its warnings and its other lines still show.
+LIGHTNING_CHATTER = (
+    "GPU available:",
+    "TPU available:",
+    "HPU available:",
+    "💡 Tip:",
+    "Loading `train_dataloader` to estimate",
+)
+
+
+def _not_chatter(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(LIGHTNING_CHATTER)
 
 
 def to_dict(cfg: DictConfig) -> dict[str, Any]:
@@ -51,7 +76,7 @@ def with_overrides(cfg: DictConfig, overrides: Mapping[str, Any]) -> DictConfig:
     cfg = cfg.copy()
     for key, value in overrides.items():
         if not _has_key(cfg, key):
-            raise KeyError(f"override {key!r} names no config key; check the spelling")
+            raise ConfigError(f"override {key!r} names no config key; check the spelling")
         OmegaConf.update(cfg, key, value, merge=False)
     return cfg
 
@@ -63,7 +88,7 @@ def _has_key(cfg: DictConfig, dotted: str) -> bool:
 
 
 def tuned_params(tune_dir: str | Path, cfg: DictConfig | None = None) -> dict[str, Any]:
-    """The tune stage's best parameters ({} if it has not run). With `cfg`, ValueError when
+    """The tune stage's best parameters ({} if it has not run). With `cfg`, ConfigError when
     they were tuned for another data, model or task (a stage run alone after another
     experiment's tuning), naming both and the fix."""
     path = Path(tune_dir) / "best_params.yaml"
@@ -74,7 +99,7 @@ def tuned_params(tune_dir: str | Path, cfg: DictConfig | None = None) -> dict[st
         tuned_for = json.loads(study.read_text()).get("tuned_for")
         now = {"data": cfg.data.name, "model": cfg.model.name, "task": cfg.task.name}
         if tuned_for is not None and tuned_for != now:
-            raise ValueError(
+            raise ConfigError(
                 f"{path} was tuned for {tuned_for}, not {now}: run the tune stage for this "
                 "config first (dvc repro does), or train without it: train.use_tuned=false"
             )
@@ -91,9 +116,11 @@ def fit(
     ckpt_dir: Path | None = None,
     ckpt_path: Path | None = None,
     run_id: str | None = None,
+    named: bool = False,
 ) -> tuple[L.Trainer, MLFlowLogger]:
     """Train the configured model on the processed data, logging to a new MLflow run
-    `run_name`, or continuing the run `run_id` (a resumed training)."""
+    `run_name`, or continuing the run `run_id` (a resumed training). `named`: a new run is
+    named `run_labels.run_title` (`<run_name> <model> <data> <short id>`), not `run_name`."""
     L.seed_everything(cfg.seed, workers=True)
     task = get_task(cfg.task.name)
     meta = load_meta(cfg.paths.processed)
@@ -103,7 +130,8 @@ def fit(
     uri = tracking_uri(cfg.mlflow.tracking_uri)
     check_reachable(uri)
     check_store_location(uri)
-    logger = MLFlowLogger(
+    bound_http_retries(uri)
+    logger = ServerLogger(
         experiment_name=cfg.mlflow.experiment,
         run_name=run_name,
         tracking_uri=uri,
@@ -116,6 +144,11 @@ def fit(
         logger.log_hyperparams(
             {k: v for k, v in flatten(to_dict(cfg)).items() if not k.startswith("search.")}
         )
+        if rank_zero_only.rank == 0:  # the splits it sees: the runs table's Dataset column
+            client = logger.experiment
+            log_splits(client, logger.run_id, meta, cfg.paths.processed, ("train", "val"))
+            if named:
+                name_run(client, logger.run_id, run_name, cfg.model.name, cfg.data.name)
 
     trainer_kwargs = to_dict(cfg.trainer)
     if max_epochs is not None:
@@ -123,7 +156,16 @@ def fit(
     all_callbacks: list[Callback] = [
         FailOnDivergence(divergence_hint(task, cfg), cfg.train.divergence_factor),
         LearningRateMonitor("epoch"),
+        Throughput(),
+        StopWhenServerLost(),
     ]
+    if cfg.mlflow.system_metrics_s:
+        all_callbacks.append(SystemMetrics(cfg.mlflow.system_metrics_s, uri, run_id is not None))
+    if trainer_kwargs.get("enable_progress_bar", True) and not sys.stderr.isatty():
+        # A log file or a pipe, not a terminal: a progress bar would fill it with carriage
+        # returns, so one line per epoch instead.
+        trainer_kwargs["enable_progress_bar"] = False
+        all_callbacks.append(EpochLine())
     if trainer_kwargs.get("enable_progress_bar", True):
         # Refreshing every step costs a host sync per step; a few updates per second is plenty.
         all_callbacks.append(TQDMProgressBar(refresh_rate=cfg.train.progress_refresh_steps))
@@ -134,17 +176,17 @@ def fit(
     if ckpt_dir is not None:
         # Saved at the end of each training epoch (after its validation), so the epoch's
         # history row and the divergence reference are in the checkpoint a resume starts from.
+        # last.ckpt has a callback of its own: Lightning's save_last only rewrites it in an
+        # epoch that also wrote best.ckpt, so a resume would redo every epoch since the best.
         all_callbacks += [
             ModelCheckpoint(
-                ckpt_dir,
-                filename="best",
-                monitor=monitor,
-                mode=mode,
-                save_last=True,
-                save_on_train_epoch_end=True,
-            ),
+                ckpt_dir, filename="best", monitor=monitor, mode=mode, save_on_train_epoch_end=True
+            ),  # first: trainer.checkpoint_callback, whose best_model_path train() hands on
+            ModelCheckpoint(ckpt_dir, filename="last", save_on_train_epoch_end=True),
             RecordRun(ckpt_dir / RUN_RECORD, resume_identity(cfg)),
         ]
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_not_chatter)  # once: a filter is added only once
     trainer = L.Trainer(
         **trainer_kwargs,
         logger=logger,
@@ -160,8 +202,31 @@ def fit(
         warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
         # A resume starts in the folder of the checkpoint it continues, by design.
         warnings.filterwarnings("ignore", ".*exists and is not empty.*")
+        # Lightning's own pytree helper trips a torch deprecation: nothing of ours to change.
+        warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    if logger.lost is not None:
+        raise server_lost(logger, uri, trainer, ckpt_dir)
     return trainer, logger
+
+
+def server_lost(
+    logger: ServerLogger, uri: str, trainer: L.Trainer, ckpt_dir: Path | None
+) -> TrackingServerError:
+    """The one message of a training whose tracking server went away: what is kept and how to
+    continue. The metrics it could not send wait beside the checkpoints for the resume."""
+    if ckpt_dir is None:  # a tuning trial: nothing to resume, the study reruns it
+        return TrackingServerError(
+            f"MLflow tracking server {uri} went away during this run ({logger.lost}); start it "
+            "again and rerun: finished trials are kept in the study"
+        )
+    write_json(ckpt_dir / UNSENT, logger.unsent)
+    return TrackingServerError(
+        f"MLflow tracking server {uri} went away during training ({logger.lost}). "
+        f"{trainer.current_epoch} epoch(s) are checkpointed in {ckpt_dir} and MLflow run "
+        f"{logger.run_id} is left open; once the server is back, continue that run with "
+        "train.resume=true (e.g. `python pipelines/train.py train.resume=true`)"
+    )
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -176,13 +241,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ckpt_dir = out / "checkpoints"
     resume_from = ckpt_dir / "last.ckpt" if cfg.train.resume else None
     if resume_from is not None and not resume_from.exists():
-        raise FileNotFoundError(
+        raise ConfigError(
             f"train.resume=true but {resume_from} does not exist: run without train.resume first"
         )
     record = read_run_record(ckpt_dir)
     run_id = None
     if resume_from is not None:
         run_id = check_resumable(record, cfg, resume_from)
+        send_unsent(ckpt_dir, cfg, run_id)
     else:
         close_abandoned_run(record, cfg)
         if ckpt_dir.exists():
@@ -193,6 +259,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer, logger = fit(
         cfg,
         run_name="train",
+        named=True,
         callbacks=[history],
         ckpt_dir=ckpt_dir,
         ckpt_path=resume_from,
@@ -218,6 +285,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     write_json(out / "run.json", info)
     reports = Path(cfg.paths.reports) / "train"
     history.write(reports / "history.csv")
+    history_curves(history.rows, reports / "plots")  # for `dvc plots show`, offline too
     write_json(
         reports / "metrics.json", {info["monitor"]: info["best_score"], "epochs": info["epochs"]}
     )
@@ -234,6 +302,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 # --- one record for an interrupted and resumed training -------------------------------------
 
 RUN_RECORD = "mlflow_run.json"  # beside the checkpoints: the run they belong to, and its setup
+UNSENT = "mlflow_unsent.json"  # beside them too: metrics a lost tracking server did not get
 
 
 def resume_identity(cfg: DictConfig) -> dict[str, Any]:
@@ -254,7 +323,7 @@ def read_run_record(ckpt_dir: Path) -> dict[str, Any] | None:
 
 
 def check_resumable(record: dict[str, Any] | None, cfg: DictConfig, checkpoint: Path) -> str | None:
-    """The MLflow run to continue; ValueError naming every setting that differs from the
+    """The MLflow run to continue; ConfigError naming every setting that differs from the
     checkpoint's, before anything is fitted. None when the checkpoint has no record (written
     by an older dlpipe): the resumed epochs then go to a new run."""
     if record is None:
@@ -266,11 +335,35 @@ def check_resumable(record: dict[str, Any] | None, cfg: DictConfig, checkpoint: 
     changed = sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
     if changed:
         diffs = "; ".join(f"{k}: {then.get(k)!r} then, {now.get(k)!r} now" for k in changed[:8])
-        raise ValueError(
+        raise ConfigError(
             f"train.resume=true, but {checkpoint} was trained with other settings ({diffs}): "
             "restore those values to continue it, or run without train.resume=true to start over"
         )
     return record["run_id"]
+
+
+def send_unsent(ckpt_dir: Path, cfg: DictConfig, run_id: str | None) -> None:
+    """Log the metrics a lost tracking server did not get (`UNSENT`, see `server_lost`) to the
+    resumed run, so its history has no gap."""
+    path = ckpt_dir / UNSENT
+    if run_id is None or not path.is_file():
+        return
+    import time
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    uri = tracking_uri(cfg.mlflow.tracking_uri)
+    check_reachable(uri)
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(key, value, now, entry["step"])
+        for entry in json.loads(path.read_text())
+        for key, value in entry["metrics"].items()
+    ]
+    MlflowClient(uri).log_batch(run_id, metrics=metrics)
+    path.unlink()
+    log.info("sent %d metric values the tracking server missed to run %s", len(metrics), run_id)
 
 
 def close_abandoned_run(record: dict[str, Any] | None, cfg: DictConfig) -> None:

@@ -1,238 +1,111 @@
 """Stage 3: an Optuna study over the model's search space; each trial is `train.fit` on train/val.
 
 The study lives in persistent storage (SQLite by default, any Optuna RDB URL or a `.log` journal
-file), so a re-run resumes it until `tune.n_trials` trials have finished in total.
+file), so a re-run resumes it until `tune.n_trials` trials have finished in total. Trial 0 is the
+experiment's own settings, so tuning can only match or improve on them. `tune.workers=N` runs
+the trials on a pool of N processes (`dlpipe.tuning.pool`); several `tune.objectives` keep a
+Pareto front and pick one trial from it (`dlpipe.tuning.objectives`). Run as
+`python -m dlpipe.tune <config.yaml> <label> <storage>`, this module is one worker of the pool.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import socket
+import sys
 import time
-import warnings
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import optuna
 import yaml
-from lightning.pytorch.callbacks import Callback
 from mlflow import MlflowClient
 from mlflow.entities import Metric, RunTag
-from omegaconf import DictConfig
-from optuna.trial import FrozenTrial, TrialState
-from optuna_integration import PyTorchLightningPruningCallback
+from omegaconf import DictConfig, OmegaConf
+from optuna.trial import TrialState
 
 from dlpipe.callbacks import DivergedError
 from dlpipe.data import write_json
+from dlpipe.run_labels import name_run, source_tags
 from dlpipe.schema import check_config
 from dlpipe.tracking import setup_mlflow
-from dlpipe.train import fit, to_dict, with_overrides
+from dlpipe.train import fit, with_overrides
+from dlpipe.tuning.callbacks import DDPPruning, TrialRecord, TrialTimeout, read_record
+from dlpipe.tuning.objectives import MEASURED, constraints, log_front, measure, objectives, select
+from dlpipe.tuning.pool import run_pool
+from dlpipe.tuning.space import config_key, make_pruner, make_sampler, own_settings, suggest
+from dlpipe.tuning.study import (
+    ORIGIN,
+    close_stale_trials,
+    dead_here,
+    improvement,
+    lost,
+    mark_child,
+    open_mlflow,
+    open_storage,
+    parent_run,
+    running_alive,
+    spent_budget,
+    storage_url,
+    study_name,
+    worker_name,
+)
+
+# Re-exported: the stage's public names (tests and notebooks open a study with them).
+__all__ = ["open_storage", "study_name", "suggest", "tune"]
 
 log = logging.getLogger(__name__)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-WORKER = f"{socket.gethostname()}:{os.getpid()}"  # which process runs a trial (user attr)
-SAMPLE_TYPES = ("float", "int", "categorical")
-
-
-def suggest(
-    trial: optuna.Trial,
-    space: Mapping[str, Any],
-    prefix: str = "",
-    params: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Sample every leaf of a (nested) search space; returns {"optim.lr": 0.003, ...}.
-
-    A leaf with `when: {"optim.name": [sgd]}` is sampled only if the parameters sampled before
-    it (in file order) have one of those values: a conditional space, e.g. momentum for SGD only.
-    `lr@sgd` sets the config key `lr` under its own Optuna name, so one key can have a range
-    per branch.
-    """
-    params = {} if params is None else params
-    for key, spec in space.items():
-        name = f"{prefix}{key}"
-        if "type" not in spec:
-            suggest(trial, spec, f"{name}.", params)
-            continue
-        if not _applies(spec.get("when"), params, name):
-            continue
-        key = config_key(name)
-        if spec["type"] == "float":
-            params[key] = trial.suggest_float(
-                name, spec["low"], spec["high"], log=spec.get("log", False), step=spec.get("step")
-            )
-        elif spec["type"] == "int":
-            params[key] = trial.suggest_int(
-                name,
-                spec["low"],
-                spec["high"],
-                log=spec.get("log", False),
-                step=spec.get("step", 1),
-            )
-        elif spec["type"] == "categorical":
-            params[key] = trial.suggest_categorical(name, list(spec["choices"]))
-        else:
-            raise ValueError(
-                f"search.{name}.type is {spec['type']!r}: choose one of {SAMPLE_TYPES}"
-            )
-    return params
-
-
-def config_key(name: str) -> str:
-    """The config key an Optuna parameter sets: "optim.lr@sgd" -> "optim.lr"."""
-    return name.split("@", 1)[0]
-
-
-def _applies(when: Mapping[str, Any] | None, params: Mapping[str, Any], name: str) -> bool:
-    if not when:
-        return True
-    for key, allowed in when.items():
-        if key not in params:
-            raise ValueError(
-                f"search.{name}.when refers to {key!r}, which is not sampled before it: put "
-                f"{key} earlier in the search space"
-            )
-        if params[key] not in (allowed if isinstance(allowed, list | tuple) else [allowed]):
-            return False
-    return True
-
-
-def study_name(cfg: DictConfig) -> str:
-    """Same data, model, search space and training setup -> same study (so a re-run resumes it);
-    any change to those starts a new one. The budget and storage are not part of the identity."""
-    if cfg.tune.study_name:
-        return cfg.tune.study_name
-    tune = {
-        k: v for k, v in to_dict(cfg.tune).items() if k not in ("n_trials", "timeout_s", "storage")
-    }
-    identity = {k: to_dict(cfg[k]) for k in ("data", "model", "optim", "train", "search")}
-    identity |= {"tune": tune, "seed": cfg.seed}
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
-    return f"{cfg.data.name}-{cfg.model.name}-{digest}"
-
-
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    if url.endswith(".log"):  # a journal file: works on shared file systems without a database
-        from optuna.storages.journal import JournalFileBackend
-
-        Path(url).parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(JournalFileBackend(url))
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    # Heartbeats let a resumed study mark trials of a killed process as failed.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=90)
-
-
-class BestScore(Callback):
-    """Best value of `monitor` over a trial's epochs: what the study maximizes."""
-
-    def __init__(self, monitor: str, maximize: bool):
-        self.monitor, self.maximize, self.value = monitor, maximize, None
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        score = trainer.callback_metrics.get(self.monitor)
-        if trainer.sanity_checking or score is None:
-            return
-        score = float(score)
-        if self.value is None or (score > self.value if self.maximize else score < self.value):
-            self.value = score
 
 
 def tune(cfg: DictConfig) -> dict[str, Any]:
     check_config(cfg)
+    goals = objectives(cfg)
+    limits = constraints(cfg)
     out = Path(cfg.paths.tune)
-    storage_url = cfg.tune.storage or f"sqlite:///{cfg.paths.study_db}"
-    experiment_id = setup_mlflow(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
+    url = storage_url(cfg)
+    experiment_id = open_mlflow(cfg)
     client = MlflowClient()
-    maximize = cfg.tune.direction == "maximize"
+    if len(goals) > 1 and cfg.tune.pruner.name != "none":
+        log.info(
+            "%d objectives: pruning is off (Optuna prunes single-objective studies only), so "
+            "tune.pruner=%s does not apply", len(goals), cfg.tune.pruner.name,
+        )  # fmt: skip
 
     study = optuna.create_study(
         study_name=study_name(cfg),
-        storage=open_storage(storage_url),
-        direction=cfg.tune.direction,
-        pruner=optuna.pruners.MedianPruner(
-            n_startup_trials=cfg.tune.pruner.n_startup_trials,
-            n_warmup_steps=cfg.tune.pruner.n_warmup_steps,
-        ),
+        storage=open_storage(url),
+        directions=[g.direction for g in goals],
+        sampler=make_sampler(cfg.tune.sampler, cfg.seed, len(goals)),
+        pruner=make_pruner(cfg.tune.pruner, len(goals), cfg.tune.max_epochs),
         load_if_exists=True,
     )
+    if not study.trials:
+        # Trial 0: the experiment's own settings (skip_if_exists: workers starting together).
+        study.enqueue_trial(own_settings(cfg), {"origin": ORIGIN}, skip_if_exists=True)
     # One MLflow parent run per study, reopened when the study resumes.
-    parent_id = study.user_attrs.get("mlflow_run_id")
-    if parent_id is None:
-        parent_id = client.create_run(
-            experiment_id, run_name="tune", tags={"stage": "tune", "optuna.study": study.study_name}
-        ).info.run_id
-        study.set_user_attr("mlflow_run_id", parent_id)
-        client.log_dict(parent_id, to_dict(cfg.search), "search_space.yaml")
-    else:
+    parent_id = parent_run(study, client, experiment_id)
+    parent = client.get_run(parent_id)
+    if "mlflow.user" not in parent.data.tags:  # client.create_run records no source or user
+        for key, value in source_tags().items():
+            client.set_tag(parent_id, key, value)
+        name_run(client, parent_id, "tune", cfg.model.name, cfg.data.name)
+    if "search_space.yaml" not in {a.path for a in client.list_artifacts(parent_id)}:
+        client.log_dict(parent_id, _plain(cfg.search), "search_space.yaml")
+    if parent.info.status != "RUNNING":
         client.update_run(parent_id, status="RUNNING")
     close_stale_trials(study, client, parent_id)
 
-    # Trials run on one device: a DDP launcher would re-execute this whole script per rank.
-    trial_base = with_overrides(
-        cfg,
-        {"trainer.devices": 1, "trainer.strategy": "auto", "trainer.enable_progress_bar": False},
-    )
-
-    def objective(trial: optuna.Trial) -> float:
-        trial.set_user_attr("worker", WORKER)
-        # Seeded by the trial's number, which the storage hands out once: a lone worker
-        # replays the same trials, and parallel workers (or a resumed study) never draw the
-        # same random start twice. TPE itself is stateless: it reads the finished trials.
-        study.sampler = optuna.samplers.TPESampler(seed=cfg.seed + trial.number)
-        params = suggest(trial, to_dict(cfg.search))
-        best = BestScore(cfg.tune.metric, maximize)
-        tags = {"mlflow.parentRunId": parent_id, "stage": "tune", "optuna.trial": str(trial.number)}
-        trainer, logger = None, None
-        try:
-            trainer, logger = fit(
-                with_overrides(trial_base, params),
-                run_name=f"trial-{trial.number}",
-                max_epochs=cfg.tune.max_epochs,
-                callbacks=[PyTorchLightningPruningCallback(trial, monitor=cfg.tune.metric), best],
-                tags=tags,
-            )
-        except optuna.TrialPruned:
-            _mark_child(client, parent_id, trial.number, "pruned")
-            raise
-        except DivergedError:
-            # The user's failure (the config diverges): it counts against the budget.
-            trial.set_user_attr("outcome", "diverged")
-            _mark_child(client, parent_id, trial.number, "diverged")
-            raise
-        if best.value is None:
-            raise RuntimeError(f"trial {trial.number} never reported {cfg.tune.metric}")
-        return best.value
-
-    done = spent_budget(study)
-    remaining = cfg.tune.n_trials - done
-    if remaining > 0:
-        log.info("study %s: %d trials done, running %d more", study.study_name, done, remaining)
-
-        def stop_at_budget(study: optuna.Study, trial: FrozenTrial) -> None:
-            # Other workers sharing the storage count towards the same total budget, their
-            # running trials included: a worker does not start a trial the others will fill.
-            running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
-            if spent_budget(study) + running >= cfg.tune.n_trials:
-                study.stop()
-
-        study.optimize(
-            objective,
-            n_trials=remaining,
-            timeout=cfg.tune.timeout_s,
-            callbacks=[stop_at_budget],
-            catch=(DivergedError,),  # a diverged trial fails; the study goes on
-            gc_after_trial=True,
-        )
+    log.info(
+        "study %s on %s: %d trials finished of %d; %d worker(s), sampler %s, pruner %s",
+        study.study_name, url, _spent(study), cfg.tune.n_trials, cfg.tune.workers,
+        cfg.tune.sampler.name, "none" if len(goals) > 1 else cfg.tune.pruner.name,
+    )  # fmt: skip
+    if cfg.tune.workers > 1:
+        run_pool(cfg, url, study, client)
     else:
-        log.info("study %s already has %d finished trials; nothing to run", study.study_name, done)
+        work(cfg, url, "0@" + ("cpu" if cfg.trainer.accelerator == "cpu" else "local"))
     close_stale_trials(study, client, parent_id)
 
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -242,103 +115,235 @@ def tune(cfg: DictConfig) -> dict[str, Any]:
             f"study {study.study_name} has no completed trial (all pruned or failed): check the "
             "trial runs in MLflow, widen the search space or raise tune.n_trials"
         )
+    chosen = select(study, goals, limits) if len(goals) > 1 else study.best_trial
     counts = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,))) for s in FINISHED}
     summary = {
         "study_name": study.study_name,
         "tuned_for": {"data": cfg.data.name, "model": cfg.model.name, "task": cfg.task.name},
-        "storage": storage_url,
-        "best_trial": study.best_trial.number,
-        "best_value": study.best_value,
-        "metric": cfg.tune.metric,
+        "storage": url,
+        "best_trial": chosen.number,
+        "best_value": chosen.values[0],
+        "metric": goals[0].metric,
         "trials": counts,
         "mlflow_run_id": parent_id,
+        **improvement(study, chosen, goals[0].direction),
     }
-    now = int(time.time() * 1000)
+    metrics = [Metric(f"trials/{state}", n, _now(), 0) for state, n in counts.items()]
+    for goal, value in zip(goals, chosen.values, strict=True):
+        metrics.append(Metric(f"best/{goal.metric}", value, _now(), 0))
+    if summary.get("improvement") is not None:
+        metrics.append(Metric("best/improvement", summary["improvement"], _now(), 0))
+    if len(goals) > 1:
+        summary["objectives"] = [{"metric": g.metric, "direction": g.direction} for g in goals]
+        summary["pareto_front"] = log_front(client, parent_id, study, goals, chosen.number)
+        summary["selection"] = {"rule": "best first objective on the front", "constraints":
+                                list(cfg.tune.constraints)}  # fmt: skip
     client.log_batch(
         parent_id,
         # Tags, not params: MLflow params are write-once, and a resumed study may find a new best.
-        tags=[RunTag(f"best.{k}", str(v)) for k, v in study.best_params.items()],
-        metrics=[Metric(f"best/{cfg.tune.metric}", study.best_value, now, 0)]
-        + [Metric(f"trials/{state}", n, now, 0) for state, n in counts.items()],
+        tags=[RunTag(f"best.{k}", str(v)) for k, v in chosen.params.items()],
+        metrics=metrics,
     )
     client.set_terminated(parent_id)
 
     out.mkdir(parents=True, exist_ok=True)
-    best = {config_key(k): v for k, v in study.best_params.items()}
+    best = {config_key(k): v for k, v in chosen.params.items()}
     (out / "best_params.yaml").write_text(yaml.safe_dump(best, sort_keys=True))
     write_json(out / "study.json", summary)
     log.info(
-        "best %s %.4f (trial %d): %s",
-        cfg.tune.metric,
-        study.best_value,
-        study.best_trial.number,
-        study.best_params,
-    )
+        "best %s %.4f (trial %d)%s: %s",
+        goals[0].metric, chosen.values[0], chosen.number,
+        "" if summary.get("improvement") is None
+        else f", {summary['improvement']:+.4f} on trial 0 (the experiment's own settings)",
+        chosen.params,
+    )  # fmt: skip
     return summary
 
 
-def spent_budget(study: optuna.Study) -> int:
-    """Trials that count against tune.n_trials: complete, pruned, or failed by the config
-    (diverged). A trial killed with its worker or crashed by an error is not the config's
-    result, so it does not count and another trial takes its place."""
-    return sum(
-        t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-        or (t.state == TrialState.FAIL and t.user_attrs.get("outcome") == "diverged")
-        for t in study.get_trials(deepcopy=False)
+def _spent(study: optuna.Study) -> int:
+    return sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True)
+
+
+def _now() -> int:
+    return int(time.time() * 1000)
+
+
+def trial_config(cfg: DictConfig) -> DictConfig:
+    """The training config every trial starts from: tune.devices_per_trial devices; with more
+    than one, DDP ranks are spawned by the worker (`ddp_spawn`), because Lightning's default
+    launcher would re-execute the worker's whole script once per rank."""
+    k = cfg.tune.devices_per_trial
+    strategy = cfg.trainer.get("strategy", "auto")
+    if k > 1 and strategy in ("auto", "ddp"):
+        strategy = "ddp_spawn"
+    return with_overrides(
+        cfg,
+        {"trainer.devices": k, "trainer.strategy": strategy if k > 1 else "auto",
+         "trainer.enable_progress_bar": False},
+    )  # fmt: skip
+
+
+def load(cfg: DictConfig, url: str) -> optuna.Study:
+    """The stage's study, with the configured sampler and pruner (Optuna does not store them)."""
+    n = len(objectives(cfg))
+    return optuna.load_study(
+        study_name=study_name(cfg),
+        storage=open_storage(url),
+        sampler=make_sampler(cfg.tune.sampler, cfg.seed, n),
+        pruner=make_pruner(cfg.tune.pruner, n, cfg.tune.max_epochs),
     )
 
 
-def close_stale_trials(study: optuna.Study, client: MlflowClient, parent_id: str) -> list[int]:
-    """Fail the RUNNING trials whose worker is gone, and close their MLflow runs; returns
-    their numbers. A worker on this machine is gone when its process is; a worker elsewhere,
-    when its heartbeat stops (RDB storages, after the grace period)."""
-    storage = study._storage  # Optuna has no public getter; its methods are public API
-    if isinstance(storage, optuna.storages.RDBStorage):
-        optuna.storages.fail_stale_trials(study)
-    stale = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
-        if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
-            storage.set_trial_user_attr(trial._trial_id, "outcome", "killed")
-            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-            stale.append(trial.number)
-    # The MLflow runs of trials no longer running (killed mid-trial: their process never
-    # closed them) are closed too, in one query.
-    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
-    orphans = client.search_runs(
-        [client.get_run(parent_id).info.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' "
-        "and attributes.status = 'RUNNING'",
-    )
-    for run in orphans:
-        number = int(run.data.tags.get("optuna.trial", -1))
-        if states.get(number, TrialState.RUNNING) != TrialState.RUNNING:
-            client.set_tag(run.info.run_id, "optuna.outcome", "killed")
-            client.set_terminated(run.info.run_id, status="KILLED")
-    if stale:
-        log.warning(
-            "trials %s of study %s lost their worker: failed, not counted", stale, study.study_name
+def budget_left(study: optuna.Study, n_trials: int) -> int:
+    """Trials still to start: the budget less what counts and what live workers are running."""
+    return n_trials - spent_budget(study) - running_alive(study)
+
+
+def work(cfg: DictConfig, url: str, label: str) -> None:
+    """Run trials of the study (already created by the stage) until its budget is spent."""
+    study = load(cfg, url)
+    parent_id = study.user_attrs["mlflow_run_id"]
+    client = MlflowClient()
+    goals = objectives(cfg)
+    single = len(goals) == 1
+    maximize = goals[0].direction == "maximize"
+    base = trial_config(cfg)
+    devices = os.environ.get("CUDA_VISIBLE_DEVICES") or str(cfg.trainer.accelerator)
+    seeded_once = cfg.tune.sampler.name == "qmc"  # one scrambled sequence for the whole study
+
+    def objective(trial: optuna.Trial) -> float | list[float]:
+        trial.set_user_attr("worker", worker_name())
+        trial.set_user_attr("worker_label", label)
+        trial.set_user_attr("device", devices)
+        if not _within_budget(study, trial.number, cfg.tune.n_trials):
+            # Two workers asked at the same moment for the budget's last trial: this one is
+            # surplus. Failed at once, untrained, so the budget is met exactly.
+            trial.set_user_attr("outcome", "surplus")
+            raise Surplus(f"trial {trial.number} is beyond the budget of {cfg.tune.n_trials}")
+        log.info("trial %d: worker %s, device %s", trial.number, label, devices)
+        # Seeded by the trial's number, which the storage hands out once: a lone worker
+        # replays the same trials, and parallel workers (or a resumed study) never draw the
+        # same random start twice. The samplers read the finished trials from the storage.
+        seed = cfg.seed if seeded_once else cfg.seed + trial.number
+        study.sampler = make_sampler(cfg.tune.sampler, seed, len(goals))
+        params = suggest(trial, OmegaConf.to_container(cfg.search, resolve=True))
+        record = TrialRecord(trial, cfg.tune.metric, maximize)
+        callbacks: list[Any] = [record]
+        pruning = None
+        if single and cfg.tune.pruner.name != "none":
+            pruning = DDPPruning(trial, monitor=cfg.tune.metric)
+            callbacks.append(pruning)
+        if cfg.tune.trial_timeout_s:
+            callbacks.append(TrialTimeout(cfg.tune.trial_timeout_s, record))
+        tags = {
+            "mlflow.parentRunId": parent_id, "stage": "tune", "optuna.trial": str(trial.number),
+            "optuna.worker": label, "optuna.device": devices,
+        }  # fmt: skip
+        start = time.perf_counter()
+        try:
+            trainer, logger = fit(
+                with_overrides(base, params),
+                run_name=f"trial-{trial.number}",
+                max_epochs=cfg.tune.max_epochs,
+                callbacks=callbacks,
+                tags=tags,
+            )
+            if pruning is not None:
+                pruning.check_pruned()  # the decision of the DDP ranks, if any
+        except optuna.TrialPruned:
+            mark_child(client, parent_id, trial.number, "pruned")
+            raise
+        except DivergedError:
+            # The user's failure (the config diverges): it counts against the budget.
+            trial.set_user_attr("outcome", "diverged")
+            mark_child(client, parent_id, trial.number, "diverged")
+            raise
+        fit_s = time.perf_counter() - start
+        done = read_record(trial) or {"best": record.best, "epochs": record.epochs}
+        if done.get("timed_out"):
+            trial.set_user_attr("outcome", "timed_out")
+            client.set_tag(logger.run_id, "optuna.outcome", "timed_out")
+        if done["best"] is None:
+            if done.get("timed_out"):
+                mark_child(client, parent_id, trial.number, "timed_out")
+                raise optuna.TrialPruned(
+                    f"trial {trial.number} reached tune.trial_timeout_s="
+                    f"{cfg.tune.trial_timeout_s} before its first validation"
+                )
+            raise RuntimeError(f"trial {trial.number} never reported {cfg.tune.metric}")
+        if single:
+            return done["best"]
+        wanted = [g.metric for g in goals]
+        measured = measure(
+            trainer, trainer.lightning_module, trainer.datamodule, fit_s, done["epochs"], wanted
         )
-    return stale
+        for name, value in measured.items():
+            trial.set_user_attr(name, value)
+            client.log_metric(logger.run_id, name, value)
+        values = []
+        for goal in goals:
+            if goal.metric == cfg.tune.metric:
+                values.append(done["best"])
+            elif goal.metric in measured:
+                values.append(measured[goal.metric])
+            elif goal.metric in trainer.callback_metrics:
+                values.append(float(trainer.callback_metrics[goal.metric]))
+            else:
+                raise ValueError(
+                    f"tune.objectives names {goal.metric!r}, which trial {trial.number} did not "
+                    f"log: use a metric the task logs per epoch or one of {MEASURED}"
+                )
+        return values
 
+    if budget_left(study, cfg.tune.n_trials) <= 0:
+        return
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process: alive
-    return True
+    def stop_at_budget(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        # Other workers sharing the storage count towards the same total budget, their
+        # running trials included: a worker does not start a trial the others will fill.
+        if budget_left(study, cfg.tune.n_trials) <= 0:
+            study.stop()
 
-
-def _mark_child(client: MlflowClient, parent_id: str, number: int, outcome: str) -> None:
-    """Tag a trial's MLflow run with why it stopped early (Lightning marks it FAILED)."""
-    runs = client.search_runs(
-        [client.get_run(parent_id).info.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' "
-        f"and tags.`optuna.trial` = '{number}'",
+    study.optimize(
+        objective,
+        n_trials=cfg.tune.n_trials,  # an upper bound: stop_at_budget ends it sooner
+        timeout=cfg.tune.timeout_s,
+        callbacks=[stop_at_budget],
+        catch=(DivergedError, Surplus),  # a diverged trial fails; the study goes on
+        gc_after_trial=True,
     )
-    for run in runs:
-        client.set_tag(run.info.run_id, "optuna.outcome", outcome)
-        client.set_terminated(run.info.run_id, status="KILLED")
+
+
+class Surplus(RuntimeError):
+    """A trial created after the budget was already taken by other workers."""
+
+
+def _within_budget(study: optuna.Study, number: int, n_trials: int) -> bool:
+    """Trial numbers are handed out once, in order: trial `number` is within the budget when
+    fewer than `n_trials` trials before it count or may still count (not lost or surplus)."""
+    ahead = 0
+    for t in study.get_trials(deepcopy=False):
+        if t.number >= number:
+            continue
+        gone = lost(t) or (t.state == TrialState.RUNNING and dead_here(t.user_attrs.get("worker")))
+        ahead += not gone
+    return ahead < n_trials
+
+
+def worker_main() -> None:
+    """`python -m dlpipe.tune <config.yaml> <label> <storage>`: one worker of the pool."""
+    config, label = sys.argv[1], sys.argv[2]
+    logging.basicConfig(
+        level=logging.INFO, format=f"[worker {label}] %(levelname)s %(name)s: %(message)s"
+    )
+    cfg = OmegaConf.load(config)
+    setup_mlflow(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)  # the store exists already
+    work(cfg, sys.argv[3], label)
+
+
+if __name__ == "__main__":
+    worker_main()

@@ -14,10 +14,13 @@ FORMAT_MODULES = {
     "idx": "dlpipe.formats.images",
     "image_folder": "dlpipe.formats.images",
     "fsdd": "dlpipe.formats.audio",
+    "fsdd_digits": "dlpipe.formats.digit_strings",
     "text_table": "dlpipe.formats.text",
     "char_text": "dlpipe.formats.chars",
     "stock_prices": "dlpipe.formats.stocks",
     "table": "dlpipe.formats.tabular",
+    "transactions": "dlpipe.formats.transactions",
+    "parallel_text": "dlpipe.formats.parallel",
 }
 FORMATS = tuple(FORMAT_MODULES)
 

@@ -193,10 +193,10 @@ class Adapter:
         self.tokenizer = Tokenizer.from_file(files["tokenizer"])
 
     def __call__(self, model_input: Any) -> torch.Tensor:
-        return torch.from_numpy(encode(self.tokenizer, _texts(model_input)))
+        return torch.from_numpy(encode(self.tokenizer, texts_of(model_input)))
 
 
-def _texts(model_input: Any) -> list[str]:
+def texts_of(model_input: Any) -> list[str]:
     if isinstance(model_input, pd.DataFrame):
         if "text" in model_input.columns:
             model_input = model_input["text"]

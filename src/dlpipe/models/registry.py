@@ -11,9 +11,10 @@ Two kinds of network are registered:
   - `input_kind="tokens"`: int token ids (B, L), `pad_id` marking padding.
   The output is (B, num_classes) logits (or regression outputs), or (B, L, num_classes) per
   position when `per_step` is set (language models).
-- generative networks (`register(name, generative=True)`) model the images themselves (a DCGAN
-  generator, an autoencoder); they are built from the image shape and their config alone, read
-  their own inputs (noise, raw pixels) and are trained by their own task (gan, autoencoder).
+- generative networks (`register(name, generative=True)`) model the data themselves (a DCGAN
+  generator, an autoencoder, a translator's encoder-decoder); they are built from the input spec
+  and their config alone, read their own inputs (noise, raw pixels, source and target tokens)
+  and are trained by their own task (gan, autoencoder, translator).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from dlpipe.errors import ConfigError
 from dlpipe.models.layers import Normalize, Standardize
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {}
@@ -92,7 +94,7 @@ def create_model(
     Raises ValueError naming the valid choices for an unknown name or input kind, and for a
     generative network asked to predict (or a predictor without `num_classes`)."""
     if name not in _BUILDERS:
-        raise ValueError(
+        raise ConfigError(
             f"unknown model {name!r}: choose one of {available_models()} "
             f"(e.g. model={available_models()[0]})"
         )
@@ -106,7 +108,8 @@ def create_model(
         if num_classes is not None or per_step:
             raise ValueError(
                 f"model={name} is a generative network (task=gan trains model=dcgan, "
-                f"task=autoencoder model=autoencoder or vae); it makes no predictions: for this "
+                f"task=autoencoder model=autoencoder or vae, task=translator model="
+                f"seq2seq_transformer or seq2seq_rnn); it makes no predictions: for this "
                 f"task choose one of {predictors}"
             )
         return _BUILDERS[name](spec=spec, **kwargs)

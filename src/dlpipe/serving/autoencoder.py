@@ -23,6 +23,8 @@ class AutoencoderModel(mlflow.pyfunc.PythonModel):
     (N, 28, 28), in; float32 latent vectors (N, latent_dim) out (the VAE's posterior means).
     params `{"mode": "decode"}`: latent vectors (N, latent_dim) in; uint8 images out."""
 
+    _skip_type_hint_validation = True  # our own input contract (see AdaptedModel)
+
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         self.spec, self.net = load_artifacts(context)
 

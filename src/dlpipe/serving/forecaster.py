@@ -22,6 +22,8 @@ class ForecasterModel(mlflow.pyfunc.PythonModel):
     Output: one row per ticker: Name, date (the last day given), predicted_log_return (for the
     next trading day) and predicted_close (= last close * exp(predicted_log_return))."""
 
+    _skip_type_hint_validation = True  # our own input contract (see AdaptedModel)
+
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         self.spec, self.net = load_artifacts(context)
 

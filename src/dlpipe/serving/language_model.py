@@ -133,6 +133,8 @@ class LanguageModel(mlflow.pyfunc.PythonModel):
     greedy), seed (same seed and inputs, same text). Output: one row per prompt with
     `completion`, the max_new_tokens characters generated after it."""
 
+    _skip_type_hint_validation = True  # our own input contract (see AdaptedModel)
+
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         self.spec, self.net = load_artifacts(context)
 

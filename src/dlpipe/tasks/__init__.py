@@ -5,18 +5,37 @@ LightningDataModule, `evaluate` for its test metrics and report files, `register
 pyfunc. A task is a module `dlpipe.tasks.<name>` exposing `TASK`, an object with the methods of
 `Task`; `conf/task/<name>.yaml` holds its settings (`cfg.task`). A task whose training is
 steered by other keys than `optim.lr` also defines `divergence_hint(cfg)` (see `divergence_hint`).
+A task whose shipped network is a plain tensor function defines
+`export_targets(cfg, checkpoint, meta) -> list[ExportTarget]`, which `register` exports (ONNX or
+`torch.export`) and checks against the eager network (`dlpipe.export`).
 """
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import lightning as L
+import torch
 from omegaconf import DictConfig
 
-TASKS = ("classifier", "language_model", "gan", "autoencoder", "forecaster", "regressor")
+from dlpipe.errors import ConfigError
+
+if TYPE_CHECKING:  # type hints only: evaluate and register import this without Lightning
+    import lightning as L
+
+TASKS = (
+    "classifier",
+    "language_model",
+    "gan",
+    "autoencoder",
+    "forecaster",
+    "regressor",
+    "fraud",
+    "translator",
+    "transcriber",
+)
 
 
 class Task(Protocol):
@@ -30,7 +49,13 @@ class Task(Protocol):
         self, cfg: DictConfig, checkpoint: Path, meta: dict[str, Any], out: Path
     ) -> dict[str, float]:
         """Test metrics of `checkpoint` ("test/..." keys). Report files (plots, tables,
-        samples) go into `out`, which the evaluate stage logs to MLflow as they are."""
+        samples) go into `out`, which the evaluate stage logs to MLflow as they are.
+
+        Beside them, the same metrics of the strongest cheap classical model fitted on the
+        same train split (`dlpipe.baselines`) under the same suffix: "baseline/<suffix>" for
+        "test/<suffix>" (test/acc <-> baseline/acc), and where chance has a value, the
+        input-blind predictor's as "chance/<suffix>"; the baseline's name and fit time go to
+        `out`/baseline.json. The champion gate pairs them by that suffix (`register`)."""
 
     def log_model(
         self, cfg: DictConfig, checkpoint: Path, meta: dict[str, Any], run_id: str
@@ -38,9 +63,30 @@ class Task(Protocol):
         """Log `checkpoint` as an MLflow pyfunc under the run `run_id`; returns its model URI."""
 
 
+@dataclass(frozen=True)
+class ExportTarget:
+    """One network a task ships as a tensor function, and how an export of it is checked.
+
+    `net` (eval mode, CPU) maps a batch (B, ...) to a tensor (B, ...); `inputs` are test
+    inputs as `net` takes them (uint8 images, float features, int64 token ids, noise);
+    `max_abs_error` is the stated tolerance on the outputs; `argmax` also requires the same
+    argmax over the last axis on at least 99.9 % of the output rows (a classifier's logits,
+    every position of a language model's)."""
+
+    name: str
+    net: torch.nn.Module
+    inputs: torch.Tensor
+    max_abs_error: float
+    argmax: bool = False
+
+
+class NotExportable(Exception):
+    """A task's network cannot be exported as a plain tensor function; the message says why."""
+
+
 def get_task(name: str) -> Task:
     if name not in TASKS:
-        raise ValueError(
+        raise ConfigError(
             f"unknown task {name!r}: choose one of {list(TASKS)} (e.g. task=classifier)"
         )
     return importlib.import_module(f"dlpipe.tasks.{name}").TASK

@@ -1,10 +1,12 @@
 """Image generation with a DCGAN (model=dcgan), trained with Lightning's manual optimization and
 judged by the Fréchet distance to real images in our own classifier's feature space
-(`dlpipe.fid`): val/fid every epoch, test/fid against the test split next to its floor, and the
+(`dlpipe.fid`): val/fid every epoch, test/fid against the test split next to its floor and a
+classical baseline's (`baseline/fid`: a Gaussian over principal components), and the
 classifier's class histogram of the samples."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from dlpipe import fid
+from dlpipe.baselines import pca_gaussian_images
 from dlpipe.data import load_split, write_json
 from dlpipe.datamodule import make_datamodule
 from dlpipe.models import create_model, load_checkpoint
@@ -26,6 +29,7 @@ from dlpipe.models.generative import Discriminator, dcgan_init, generate
 from dlpipe.plots import image_grid, save_png, saved_figure
 from dlpipe.serving import log_pyfunc
 from dlpipe.serving.gan import GeneratorModel
+from dlpipe.tasks import ExportTarget
 
 GRID = 8  # the per-epoch sample grid is GRID x GRID images of the fixed validation noise
 
@@ -181,7 +185,16 @@ class GanTask:
         images = generate(generator, cfg.task.eval_samples, cfg.task.sample_seed).numpy()
         generated, logits = fid.activations(feature_net, images)
         test, _ = fid.activations(feature_net, load_split(cfg.paths.processed, "test")[0])
-        train, _ = fid.activations(feature_net, load_split(cfg.paths.processed, "train")[0])
+        train_images = load_split(cfg.paths.processed, "train")[0]
+        train, _ = fid.activations(feature_net, train_images)
+        t0 = time.perf_counter()
+        classical = pca_gaussian_images(
+            train_images, cfg.task.eval_samples, cfg.task.baseline_components, cfg.task.sample_seed
+        )
+        baseline = {
+            "name": f"Gaussian over {cfg.task.baseline_components} principal components",
+            "fit_seconds": time.perf_counter() - t0,
+        }
         test_gaussian = fid.gaussian(test)
 
         classes = meta["classes"]
@@ -197,11 +210,15 @@ class GanTask:
         plot_class_histogram(counts, classes, out / "class_histogram.png")
         save_png(image_grid(images[:100], 10, frame=True), out / "samples.png")
         write_json(out / "feature_net.json", info)
+        write_json(out / "baseline.json", baseline)
         return {
             "test/fid": fid.frechet_distance(fid.gaussian(generated), test_gaussian),
             # Real test images vs real training images: as close as a generator can hope to get.
             "test/fid_floor": fid.frechet_distance(test_gaussian, fid.gaussian(train)),
             "test/class_entropy_ratio": fid.entropy_ratio(counts),
+            "baseline/fid": fid.frechet_distance(
+                fid.gaussian(fid.activations(feature_net, classical)[0]), test_gaussian
+            ),
         }
 
     def log_model(
@@ -216,6 +233,17 @@ class GanTask:
         }
         example = pd.DataFrame({"n": [2], "seed": [0]})
         return log_pyfunc(run_id, GeneratorModel, spec, generator.state_dict(), example)
+
+    def export_targets(
+        self, cfg: DictConfig, checkpoint: Path, meta: dict[str, Any]
+    ) -> list[ExportTarget]:
+        """The generator (noise (B, latent_dim) -> images (B, C, H, W) in [-1, 1]) on the
+        evaluation's seeded noise: within 1e-4, an eightieth of one uint8 pixel step (2/255),
+        so the served pixels agree (dlpipe.export)."""
+        generator, _ = load_checkpoint(checkpoint, prefix="generator.")
+        noise = torch.Generator().manual_seed(cfg.task.sample_seed)
+        z = torch.randn(cfg.task.eval_samples, generator.latent_dim, generator=noise)
+        return [ExportTarget("generator", generator, z, max_abs_error=1e-4)]
 
     @staticmethod
     def _feature_net(cfg: DictConfig) -> tuple[fid.FeatureNet, dict[str, Any]]:

@@ -1,6 +1,8 @@
 """Regression of one real-valued target (a table's column; the forecaster's next-day return):
 MSE on the standardized target in training; RMSE, MAE and R² in the target's own units on the
-test split, side by side with a linear-regression baseline on the same features."""
+test split, side by side with classical baselines fitted on the same train split (linear
+regression; the better of it and gradient boosting as `baseline/...`) and the train mean
+(`chance/...`)."""
 
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics import MeanAbsoluteError, MeanSquaredError
 
-from dlpipe.data import load_split
+from dlpipe.baselines import regression_baseline
+from dlpipe.data import load_split, write_json
 from dlpipe.datamodule import make_datamodule
 from dlpipe.formats import format_module
 from dlpipe.models import create_model, load_checkpoint, predict
@@ -25,7 +28,7 @@ from dlpipe.optim import configure_optimizers
 from dlpipe.plots import saved_figure
 from dlpipe.serving import log_adapted_model
 from dlpipe.serving.regressor import RegressorModel
-from dlpipe.tasks import net_args
+from dlpipe.tasks import ExportTarget, net_args
 
 
 class Regressor(L.LightningModule):
@@ -151,9 +154,14 @@ class RegressorTask:
     ) -> dict[str, float]:
         processed = Path(cfg.paths.processed)
         x, actual, pred = predict_test_split(processed, checkpoint)
+        fitted = regression_baseline(processed)
+        write_json(out / "baseline.json", fitted.info())
+        train_mean = float(load_split(processed, "train")[1].mean())
         rows = {
             "model": regression_metrics(pred, actual),
             "linear": regression_metrics(linear_baseline(processed), actual),
+            "baseline": regression_metrics(fitted.test, actual),
+            "chance": regression_metrics(np.full_like(actual, train_mean), actual),
         }
         write_comparison(out / "comparison.csv", rows)
         with open(out / "predictions.csv", "w", newline="") as f:
@@ -163,7 +171,9 @@ class RegressorTask:
         name = meta["target"]["name"]
         plot_predicted_vs_actual(pred, actual, name, out / "predicted_vs_actual.png")
         return {f"test/{k}": v for k, v in rows["model"].items()} | {
-            f"test/linear/{k}": v for k, v in rows["linear"].items()
+            f"test/linear/{k}" if row == "linear" else f"{row}/{k}": v
+            for row in ("linear", "baseline", "chance")
+            for k, v in rows[row].items()
         }
 
     def log_model(
@@ -178,6 +188,11 @@ class RegressorTask:
             extra_requirements=(f"scikit-learn=={sklearn.__version__}",),
         )
 
+    def export_targets(
+        self, cfg: DictConfig, checkpoint: Path, meta: dict[str, Any]
+    ) -> list[ExportTarget]:
+        return regression_export_targets(Path(cfg.paths.processed), checkpoint)
+
 
 def predict_test_split(
     processed: Path, checkpoint: Path
@@ -186,6 +201,14 @@ def predict_test_split(
     net, hparams = load_checkpoint(checkpoint)
     x, actual = load_split(processed, "test")
     return x, actual.astype(np.float64), predict_values(net, x, hparams["target"])
+
+
+def regression_export_targets(processed: Path, checkpoint: Path) -> list[ExportTarget]:
+    """The network (raw features -> standardized prediction (B, 1)) on the test inputs, within
+    1e-4 (a ten-thousandth of the target's standard deviation; dlpipe.export)."""
+    net, _ = load_checkpoint(checkpoint)
+    x, _ = load_split(processed, "test")
+    return [ExportTarget("net", net, torch.from_numpy(x), max_abs_error=1e-4)]
 
 
 def log_regression_model(
