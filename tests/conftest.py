@@ -72,13 +72,22 @@ def mirror() -> Path:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """One line saying how many real-data tests did not run, and why, so "N passed" is not
-    read as the whole suite."""
+    """One line each saying how many real-data and service tests did not run, and why, so
+    "N passed" is not read as the whole suite."""
     skipped = [r for r in terminalreporter.stats.get("skipped", []) if NO_MIRROR in str(r.longrepr)]
     if skipped:
         terminalreporter.write_line(
             f"{len(skipped)} real-data tests skipped: {NO_MIRROR} at {MIRROR}; set "
             f"{MIRROR_ENV} to a copy of shared/datasets to run them",
+            yellow=True,
+            bold=True,
+        )
+    skips = terminalreporter.stats.get("skipped", [])
+    services_skipped = [r for r in skips if services.NOT_INSTALLED in str(r.longrepr)]
+    if services_skipped:
+        terminalreporter.write_line(
+            f"{len(services_skipped)} service tests skipped: a server they start is not installed "
+            '(apt-get install postgresql; pip install -e ".[postgres]")',
             yellow=True,
             bold=True,
         )

@@ -25,11 +25,12 @@ from pathlib import Path
 import pytest
 
 REQUIRE_SERVICES = "DLPIPE_REQUIRE_SERVICES"  # =1 (CI): a missing server binary fails the test
+NOT_INSTALLED = "is not installed"  # in every such skip's reason (conftest counts them)
 
 
 def missing(what: str, fix: str) -> None:
     """Skip (or, under DLPIPE_REQUIRE_SERVICES=1, fail) a test whose server is not installed."""
-    message = f"{what} is not installed: {fix}"
+    message = f"{what} {NOT_INSTALLED}: {fix}"
     if os.environ.get(REQUIRE_SERVICES) == "1":
         pytest.fail(f"{message} ({REQUIRE_SERVICES}=1 says every service test must run)")
     pytest.skip(message)

@@ -15,6 +15,7 @@ import torch
 from mlflow import MlflowClient
 
 from dlpipe.export import export_targets, export_version, parity
+from dlpipe.formats.stocks import latest_windows
 from dlpipe.models import create_model
 from dlpipe.models.generative import to_uint8
 from dlpipe.tasks import ExportTarget, get_task
@@ -74,7 +75,19 @@ def test_register_exports_the_champion_and_onnx_runtime_serves_it(experiment, sm
     finally:
         mlflow.set_tracking_uri(None)
     task = cfg.task.name
-    if task in ("classifier", "regressor", "forecaster"):
+    if task == "forecaster":
+        # Its pyfunc recomputes the features from the daily rows, as preprocessing did.
+        x, _ = latest_windows(example, inner.spec["window"])
+        served = run_onnx(sessions["net"], x)
+        with torch.inference_mode():
+            eager = inner.net(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(served, eager, atol=1e-4)
+        target = inner.spec["target"]
+        expected = model.predict(example)["predicted_log_return"].to_numpy()
+        np.testing.assert_allclose(
+            served.squeeze(-1) * target["std"] + target["mean"], expected, atol=1e-4
+        )
+    elif task in ("classifier", "regressor"):
         x = inner.adapter(example).numpy()
         length = sessions["net"].get_inputs()[0].shape[1]
         if inner.spec["net"]["input_kind"] == "tokens" and x.shape[1] < length:

@@ -168,13 +168,6 @@ def test_dvc_exp_run_switches_model(repo_copy: tuple[Path, dict[str, str]]):
     assert client.get_run(checkpoint["run_id"]).data.params["model.name"] == "mlp"
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="models/optuna.db is a `cache: false` out of tune, so a fresh clone lacks it and "
-    "`dvc repro` re-runs tune (new study.json), then register, which fails on a local MLflow "
-    "store without the train run; see the issue-11 note",
-)
 def test_dvc_remote_push_then_a_fresh_clone_pulls_and_reruns_nothing(
     repo_copy: tuple[Path, dict[str, str]], tmp_path: Path
 ):

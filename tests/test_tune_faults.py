@@ -47,8 +47,10 @@ def _study(cfg: DictConfig) -> optuna.Study:
 
 
 def test_killed_worker_leaves_no_running_trial_and_no_spent_budget(make_cfg, tmp_path):
-    # Slow trials (batch 16, 3 epochs) so the kill lands inside one.
-    cfg = _cfg(make_cfg, 2, "train.batch_size=16", "tune.max_epochs=3")
+    # Slow trials (batch 8, 12 epochs, no early stop: seconds even on an idle machine) so the
+    # kill lands inside one.
+    slow = ("train.batch_size=8", "tune.max_epochs=12", "train.early_stopping_patience=null")
+    cfg = _cfg(make_cfg, 2, *slow)
     worker = _worker(cfg, tmp_path, "worker")
     deadline = time.monotonic() + 300  # a busy machine takes a minute to import torch
     while time.monotonic() < deadline:  # wait until trial 0 is under way, then kill -9

@@ -154,10 +154,12 @@ def test_pool_on_a_fresh_checkout_survives_a_killed_worker(make_cfg, tmp_path):
 
 def test_pool_of_three_workers_on_postgresql(make_cfg, postgres):
     url = postgres("pool")
-    cfg = _cfg(make_cfg, "tune.workers=3", "tune.n_trials=3", "tune.max_epochs=1",
-               f"tune.storage={url}", "tune.study_name=pool")  # fmt: skip
+    # Trials of a few seconds (batch 8, 3 epochs), twice as many as workers: a worker whose
+    # imports finish last still finds trials left, on an idle machine too.
+    cfg = _cfg(make_cfg, "tune.workers=3", "tune.n_trials=6", "tune.max_epochs=3",
+               "train.batch_size=8", f"tune.storage={url}", "tune.study_name=pool")  # fmt: skip
     tune(cfg)
-    study = _check_study(cfg, url, budget=3, workers=3)
+    study = _check_study(cfg, url, budget=6, workers=3)
     assert study._storage.__class__.__name__ == "_CachedStorage"  # Optuna's RDB storage
 
 

@@ -16,7 +16,7 @@ class UserError(Exception):
     """Base of the errors a user fixes (bad config, bad data, a diverging setting, an
     unreachable store); the message says what to change. Subclasses: `ConfigError` (here),
     `dlpipe.data.DataError`, `dlpipe.callbacks.DivergedError`, `dlpipe.tracking`'s
-    `TrackingServerError` and `StoreMovedError`."""
+    `TrackingServerError` and `StoreMovedError`, `dlpipe.tune.NoCompletedTrialError`."""
 
 
 class ConfigError(UserError, ValueError):

@@ -26,6 +26,7 @@ from optuna.trial import TrialState
 
 from dlpipe.callbacks import DivergedError
 from dlpipe.data import write_json
+from dlpipe.errors import UserError
 from dlpipe.run_labels import name_run, source_tags
 from dlpipe.schema import check_config
 from dlpipe.tracking import setup_mlflow
@@ -45,6 +46,7 @@ from dlpipe.tuning.study import (
     open_storage,
     parent_run,
     running_alive,
+    shown_storage,
     spent_budget,
     storage_url,
     study_name,
@@ -57,6 +59,10 @@ __all__ = ["open_storage", "study_name", "suggest", "tune"]
 log = logging.getLogger(__name__)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+class NoCompletedTrialError(UserError, RuntimeError):
+    """Every trial of the study was pruned or failed: there are no parameters to hand on."""
 
 
 def tune(cfg: DictConfig) -> dict[str, Any]:
@@ -85,7 +91,7 @@ def tune(cfg: DictConfig) -> dict[str, Any]:
         # Trial 0: the experiment's own settings (skip_if_exists: workers starting together).
         study.enqueue_trial(own_settings(cfg), {"origin": ORIGIN}, skip_if_exists=True)
     # One MLflow parent run per study, reopened when the study resumes.
-    parent_id = parent_run(study, client, experiment_id)
+    parent_id = parent_run(study, client, experiment_id, url)
     parent = client.get_run(parent_id)
     if "mlflow.user" not in parent.data.tags:  # client.create_run records no source or user
         for key, value in source_tags().items():
@@ -111,7 +117,7 @@ def tune(cfg: DictConfig) -> dict[str, Any]:
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not completed:
         client.set_terminated(parent_id, status="FAILED")
-        raise RuntimeError(
+        raise NoCompletedTrialError(
             f"study {study.study_name} has no completed trial (all pruned or failed): check the "
             "trial runs in MLflow, widen the search space or raise tune.n_trials"
         )
@@ -120,7 +126,7 @@ def tune(cfg: DictConfig) -> dict[str, Any]:
     summary = {
         "study_name": study.study_name,
         "tuned_for": {"data": cfg.data.name, "model": cfg.model.name, "task": cfg.task.name},
-        "storage": url,
+        "storage": shown_storage(url),
         "best_trial": chosen.number,
         "best_value": chosen.values[0],
         "metric": goals[0].metric,

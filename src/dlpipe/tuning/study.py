@@ -149,19 +149,35 @@ def running_alive(study: optuna.Study) -> int:
     )
 
 
-def parent_run(study: optuna.Study, client: MlflowClient, experiment_id: str) -> str:
+def shown_storage(url: str) -> str:
+    """A storage as it may be recorded (MLflow tags, study.json): an RDB URL's password masked."""
+    if "://" not in url:
+        return url  # a journal file's path
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def parent_run(study: optuna.Study, client: MlflowClient, experiment_id: str, storage: str) -> str:
     """The study's one MLflow parent run, created by whichever worker comes first.
 
     Race-free without a lock: every worker that finds none creates a candidate tagged with
-    the study, then all agree on the earliest candidate (start time, then run id) and delete
-    their own if it lost. A later candidate always sees the earlier ones, so all pick the same."""
+    the study and its storage, then all agree on the earliest candidate (start time, then run
+    id) and delete their own if it lost. A later candidate always sees the earlier ones, so all
+    pick the same. The storage is part of the match: two studies of one name in two storages
+    (say two journal files) logging to one MLflow experiment are two studies."""
     known = study.user_attrs.get("mlflow_run_id")
     if known is not None:
         return known
-    filter_string = f"tags.`optuna.study` = '{study.study_name}' and tags.stage = 'tune'"
+    storage = shown_storage(storage)
+    filter_string = (
+        f"tags.`optuna.study` = '{study.study_name}' and tags.stage = 'tune' "
+        f"and tags.`optuna.storage` = '{storage}'"
+    )
     own = client.create_run(
         experiment_id, run_name="tune",
-        tags={"stage": "tune", "optuna.study": study.study_name, "optuna.parent": "true"},
+        tags={"stage": "tune", "optuna.study": study.study_name, "optuna.storage": storage,
+              "optuna.parent": "true"},
     ).info.run_id  # fmt: skip
     candidates = client.search_runs(
         [experiment_id], filter_string=filter_string + " and tags.`optuna.parent` = 'true'"
@@ -169,8 +185,9 @@ def parent_run(study: optuna.Study, client: MlflowClient, experiment_id: str) ->
     winner = min(candidates, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id
     if winner != own:
         client.delete_run(own)
-    else:
-        study.set_user_attr("mlflow_run_id", own)
+    # Every worker records the same winner (idempotent), so none depends on the winner's worker
+    # having written it first.
+    study.set_user_attr("mlflow_run_id", winner)
     return winner
 
 
