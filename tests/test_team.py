@@ -70,13 +70,10 @@ def test_stages_log_to_a_tracking_server_and_serve_its_champion(
     train_run = runs["train"]
     metrics = {m["key"] for m in train_run["data"]["metrics"]}
     assert "perf/samples_per_s" in metrics
-    # MLflow's monitor samples every 0.5 s here: a run (train, or a tuning trial) that lasted
-    # a few intervals has system metrics; a smoke run on an idle machine may end before one.
+    # Every fit records system metrics, even one shorter than MLflow's 0.5 s sampling interval.
     for name in ("train", "trial-0"):
-        info = runs[name]["info"]
-        if int(info["end_time"]) - int(info["start_time"]) > 3000:  # ms
-            keys = {m["key"] for m in runs[name]["data"]["metrics"]}
-            assert "system/cpu_utilization_percentage" in keys, name
+        keys = {m["key"] for m in runs[name]["data"]["metrics"]}
+        assert "system/cpu_utilization_percentage" in keys, name
 
     # Artifacts go through the server into its own store: nothing under the client's folders.
     assert train_run["info"]["artifact_uri"].startswith("mlflow-artifacts:")

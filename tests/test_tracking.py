@@ -66,3 +66,20 @@ def test_flatten_gives_override_keys():
         "seed": 1,
         "empty": {},
     }
+
+
+def test_system_metrics_of_a_fit_shorter_than_one_interval_are_logged(tmp_path):
+    """MLflow's monitor publishes only after a full interval; a short fit still records a step."""
+    import mlflow
+
+    from dlpipe.callbacks import _final_step_monitor
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("short", artifact_location=(tmp_path / "a").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    monitor = _final_step_monitor()(run_id, sampling_interval=60, tracking_uri=uri)
+    monitor.start()
+    monitor.finish()  # at once: MLflow's own monitor logs nothing here
+    history = client.get_metric_history(run_id, "system/cpu_utilization_percentage")
+    assert [m.step for m in history] == [0]

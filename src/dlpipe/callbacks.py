@@ -213,7 +213,9 @@ class Throughput(Callback):
 class SystemMetrics(Callback):
     """MLflow's system metrics (`system/cpu_utilization_percentage`, memory, disk, network and,
     with pynvml and an NVIDIA GPU, `system/gpu_*`) for the run, sampled every `interval_s` s
-    by MLflow's own monitor thread on rank zero; a resumed run continues their steps."""
+    by MLflow's own monitor thread on rank zero; a resumed run continues their steps. The
+    samples taken since the last logged step are logged when fit ends, so a fit shorter than
+    one interval still records one step (MLflow's monitor alone would drop them)."""
 
     def __init__(self, interval_s: float, uri: str, resumed: bool):
         self.interval_s, self.uri, self.resumed, self.monitor = interval_s, uri, resumed, None
@@ -221,9 +223,7 @@ class SystemMetrics(Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-        self.monitor = SystemMetricsMonitor(
+        self.monitor = _final_step_monitor()(
             trainer.logger.run_id,
             sampling_interval=self.interval_s,
             resume_logging=self.resumed,
@@ -245,3 +245,21 @@ class SystemMetrics(Callback):
         if getattr(trainer.logger, "lost", None) is None:
             self.monitor.finish()  # stops the thread, flushes the last samples
         self.monitor = None
+
+
+def _final_step_monitor() -> type:
+    """MLflow's `SystemMetricsMonitor` whose `finish` also logs the samples its thread took
+    after its last logged step (it publishes only after a full interval without a stop)."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    class FinalStepMonitor(SystemMetricsMonitor):
+        def finish(self) -> None:
+            if self._process is not None:
+                self._shutdown_event.set()
+                self._process.join()
+                if any(monitor.metrics for monitor in self.monitors):
+                    self.collect_metrics()
+                    self.publish_metrics(self.aggregate_metrics())
+            super().finish()  # flushes what is queued
+
+    return FinalStepMonitor
