@@ -248,6 +248,33 @@ def test_own_parallel_csv_is_split_and_tokenized(tmp_path):
         preprocess({**data, "source_column": "source"}, tmp_path / "raw", tmp_path / "p2", seed=0)
 
 
+def test_own_aligned_files_are_split_and_tokenized(tmp_path):
+    """An own corpus as two aligned line files (data=parallel_files), the source side first."""
+    (tmp_path / "a").mkdir()
+    source, target = tmp_path / "a" / "corpus.de", tmp_path / "corpus.en"
+    source.write_text("".join(f"Der Hund {i}, bitte.\n" for i in range(200)))
+    target.write_text("".join(f"The dog {i}, please.\n" for i in range(200)))
+    data = {
+        **OmegaConf.to_container(OmegaConf.load(CONF / "data" / "parallel_files.yaml")),
+        "path": [str(source), str(target)],
+        "vocab_size": 60,
+    }
+    collect(data, tmp_path / "raw")
+    meta = preprocess(data, tmp_path / "raw", tmp_path / "processed", seed=0)
+    assert meta["sizes"] == {"train": 180, "val": 10, "test": 10}
+    sources, references = load_texts(tmp_path / "processed", "test")
+    # each pair still translates itself after the split: the same number on both sides
+    assert [s.split()[2] for s in sources] == [r.split()[2] for r in references]
+    assert sources[0].startswith("Der Hund") and references[0].startswith("The dog")
+
+    target.write_text("".join(f"The dog {i}, please.\n" for i in range(199)))
+    collect(data, tmp_path / "raw2")
+    with pytest.raises(DataError, match=r"corpus.de has 200 lines but corpus.en 199"):
+        preprocess(data, tmp_path / "raw2", tmp_path / "p2", seed=0)
+    with pytest.raises(DataError, match="two files called the same"):
+        collect({**data, "path": [str(target), str(target)]}, tmp_path / "raw3")
+
+
 # --- all six stages, then the served model --------------------------------------------------
 
 

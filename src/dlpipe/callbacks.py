@@ -223,6 +223,8 @@ class SystemMetrics(Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
+        # Its start/stop/"Skip logging GPU metrics" lines, four per run; its warnings still show.
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
         self.monitor = _final_step_monitor()(
             trainer.logger.run_id,
             sampling_interval=self.interval_s,

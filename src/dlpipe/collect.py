@@ -357,15 +357,26 @@ def _collect_image_folder(data: Mapping, raw_dir: Path) -> dict:
 
 
 def _collect_local_file(data: Mapping, raw_dir: Path) -> dict:
+    """Copy the user's `data.path` (one file, or a list of files such as the two sides of an
+    aligned parallel corpus) into `raw_dir`; the manifest pins each copy's sha256 by file name."""
     path = data.get("path")
     if path in (None, "", "???"):
         raise ValueError(
             f"data.path is required for data={data['name']}: pass data.path=/path/to/file"
         )
-    source = Path(path)
-    if not source.is_file():
-        raise DataError(f"data.path={path!r} is not a file: point it at your data file")
+    paths = [path] if isinstance(path, str | os.PathLike) else list(path)
+    names = [Path(p).name for p in paths]
+    if len(set(names)) < len(names):
+        raise DataError(
+            f"data.path={[str(p) for p in paths]} names two files called the same: the copies "
+            "under data/raw are named by file name; rename one (e.g. corpus.de, corpus.en)"
+        )
+    for one in paths:
+        if not Path(one).is_file():
+            raise DataError(f"data.path={str(one)!r} is not a file: point it at your data file")
     raw_dir.mkdir(parents=True, exist_ok=True)
-    digest = write_atomic(raw_dir / source.name, file_chunks(source))
-    log.info("copied %s (sha256 %s)", source, digest)
-    return {"files": {source.name: digest}}
+    files = {}
+    for source in map(Path, paths):
+        files[source.name] = write_atomic(raw_dir / source.name, file_chunks(source))
+        log.info("copied %s (sha256 %s)", source, files[source.name])
+    return {"files": files}

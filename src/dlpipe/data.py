@@ -268,7 +268,12 @@ def check_limit(data: Mapping, smallest: int, unit: str = "samples", why: str = 
 def source_of(data: Mapping, path: Path) -> str:
     """How to name a raw file to its owner: their own `data.path`, not our copy under data/raw."""
     own = data.get("path")
-    return str(own) if own not in (None, "", "???") else str(path)
+    if own in (None, "", "???"):
+        return str(path)
+    if isinstance(own, str | os.PathLike):
+        return str(own)
+    # several own files (an aligned corpus' two sides): the one this copy was made from
+    return next((str(one) for one in own if Path(one).name == Path(path).name), str(path))
 
 
 def decode_text(blob: bytes, encoding: str, source: str) -> str:

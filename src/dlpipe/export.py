@@ -16,7 +16,8 @@ import logging
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,7 @@ def export(target: ExportTarget, kind: str, path: Path) -> Path:
     axis; returns `path`. Raises what the exporter raises when the network does not export."""
     example = _example(target.inputs)
     batch = torch.export.Dim("batch")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _exporter_logs_quiet():
         # The exporter's notes on torch internals (not on this network) would flood the log.
         warnings.simplefilter("ignore")
         if kind == "onnx":
@@ -85,6 +86,24 @@ def export(target: ExportTarget, kind: str, path: Path) -> Path:
         else:
             raise ValueError(f"register.export={kind!r}: choose one of {list(EXPORTS)}")
     return path
+
+
+# What the exporters log while they work: torch.onnx's "torchvision is not installed" notes and
+# the graph optimizers' pass reports ("Removed 19 unused nodes"). Their errors still show.
+EXPORTER_LOGGERS = ("torch.onnx", "torch.export", "onnxscript", "onnx_ir")
+
+
+@contextmanager
+def _exporter_logs_quiet() -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in EXPORTER_LOGGERS]
+    levels = [one.level for one in loggers]
+    for one in loggers:
+        one.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for one, level in zip(loggers, levels, strict=True):
+            one.setLevel(level)
 
 
 def load_runner(kind: str, path: Path) -> Callable[[np.ndarray], np.ndarray]:

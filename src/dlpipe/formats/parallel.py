@@ -1,9 +1,10 @@
 """Parallel text (format "parallel_text"): sentence pairs for translation -> subword token ids of
 source and target, plus the `tokenizers` tokenizer trained on the training split only.
 
-Two layouts: aligned line files, `<stem>.<lang>[.gz]` per split (line i of the source file
-translates line i of the target file; Multi30k, Elliott et al. 2016), or one two-column CSV/TSV of
-a user's own corpus (`data.path`), split seeded into train/val/test.
+Three layouts: aligned line files, `<stem>.<lang>[.gz]` per split (line i of the source file
+translates line i of the target file; Multi30k, Elliott et al. 2016); a user's own corpus as two
+aligned line files (`data.path=[corpus.de,corpus.en]`, source first) or as one two-column CSV/TSV
+(`data.path=pairs.csv`). An own corpus is split seeded into train/val/test.
 
 One joint subword vocabulary (BPE or unigram) serves both languages, so a model can share one
 embedding between encoder, decoder and output layer. Spaces are marked in the tokens (the
@@ -63,8 +64,14 @@ def preprocess(data: Mapping, raw_dir: Path, out_dir: Path, seed: int) -> dict:
     _validate(data)
     manifest = checked_manifest(data, raw_dir)
     rng = np.random.default_rng(seed)
-    if data.get("path") not in (None, "", "???"):
-        splits = _split_table(data, _read_table(data, raw_dir, manifest), rng)
+    own = data.get("path")
+    if own not in (None, "", "???"):
+        pairs = (
+            _read_table(data, raw_dir, manifest)
+            if isinstance(own, str)
+            else _read_aligned(data, raw_dir, manifest, [Path(p).name for p in own])
+        )
+        splits = _split_table(data, pairs, rng)
     else:
         splits = {s: _read_lines(data, raw_dir, manifest, stem) for s, stem in _stems(data)}
     splits["train"], dropped = _drop_empty(splits["train"])
@@ -225,22 +232,38 @@ def _read_lines(
     data: Mapping, raw_dir: Path, manifest: Mapping, stem: str
 ) -> tuple[list[str], list[str]]:
     """(source lines, target lines) of `<stem>.<lang>[.gz]`, checked to be aligned."""
-    sides = []
+    names = []
     for lang in (data["source_lang"], data["target_lang"]):
-        names = (f"{stem}.{lang}.gz", f"{stem}.{lang}")
-        name = next((n for n in names if n in manifest["files"]), None)
+        candidates = (f"{stem}.{lang}.gz", f"{stem}.{lang}")
+        name = next((n for n in candidates if n in manifest["files"]), None)
         if name is None:
             raise DataError(
                 f"no {stem}.{lang}[.gz] among the collected files {sorted(manifest['files'])}: "
                 "check data.splits, data.source_lang and data.target_lang, then re-run collect"
             )
+        names.append(name)
+    return _read_aligned(data, raw_dir, manifest, names)
+
+
+def _read_aligned(
+    data: Mapping, raw_dir: Path, manifest: Mapping, names: Sequence[str]
+) -> tuple[list[str], list[str]]:
+    """(source lines, target lines) of the collected files `names` = [source, target] (plain or
+    .gz, one sentence per line), checked to be aligned. DataError naming both line counts."""
+    if len(names) != 2:
+        raise DataError(
+            f"data.path names {len(names)} files: an aligned corpus is two, the source side "
+            "first, e.g. data.path=[corpus.de,corpus.en] (or one two-column CSV)"
+        )
+    sides = []
+    for name in names:
         path = Path(raw_dir) / name
         blob = read_verified(path, manifest["files"][name])
         if name.endswith(".gz"):
             blob = gzip.decompress(blob)
         text = decode_text(blob, data["encoding"], source_of(data, path))
-        sides.append((name, text.rstrip("\n").split("\n")))
-    (src_name, src), (tgt_name, tgt) = sides
+        sides.append(text.rstrip("\n").split("\n"))
+    (src_name, tgt_name), (src, tgt) = names, sides
     if len(src) != len(tgt):
         raise DataError(
             f"{src_name} has {len(src)} lines but {tgt_name} {len(tgt)}: line i of one must "
