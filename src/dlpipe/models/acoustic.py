@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from dlpipe.models.layers import pre_norm_encoder
 from dlpipe.models.registry import InputSpec, register
 from dlpipe.models.sequence import sinusoidal_positions
 
@@ -148,19 +149,8 @@ class ConvTransformer(CTCModel):
         dropout: float,
     ):
         super().__init__(spec, per_step, "conv_transformer")
-        if d_model % nhead:
-            raise ValueError(f"model.d_model={d_model} must be divisible by model.nhead={nhead}")
         self.front = ConvFrontEnd(spec.shape[-1], channels, conv_layers, time_stride, d_model)
-        layer = nn.TransformerEncoderLayer(
-            d_model,
-            nhead,
-            dim_feedforward,
-            dropout,
-            activation="gelu",
-            batch_first=True,
-            norm_first=True,
-        )
-        self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+        self.encoder = pre_norm_encoder(d_model, nhead, dim_feedforward, dropout, num_layers)
         self.norm = nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(d_model, num_classes)

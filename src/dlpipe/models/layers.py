@@ -64,3 +64,26 @@ class Unsqueeze(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.unsqueeze(self.dim)
+
+
+def pre_norm_encoder(
+    d_model: int, nhead: int, dim_feedforward: int, dropout: float, num_layers: int
+) -> nn.TransformerEncoder:
+    """`num_layers` pre-norm Transformer encoder layers (GELU, batch first): (B, T, d_model) ->
+    (B, T, d_model), with `src_key_padding_mask` (B, T) True at padding. Pre-norm (layer norm
+    before attention and feed-forward, Xiong et al. 2020) trains without a warm-up schedule; the
+    stack ends un-normalized, so callers add their final `nn.LayerNorm`.
+    Raises ValueError when d_model is not divisible by nhead."""
+    if d_model % nhead:
+        raise ValueError(f"model.d_model={d_model} must be divisible by model.nhead={nhead}")
+    layer = nn.TransformerEncoderLayer(
+        d_model,
+        nhead,
+        dim_feedforward,
+        dropout,
+        activation="gelu",
+        batch_first=True,
+        norm_first=True,
+    )
+    # enable_nested_tensor only speeds up padded batches, and warns with norm_first.
+    return nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)

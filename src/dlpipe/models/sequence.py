@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from dlpipe.models.layers import pre_norm_encoder
 from dlpipe.models.registry import InputSpec, register
 
 
@@ -148,23 +149,12 @@ class TransformerClassifier(nn.Module):
             )
         if pooling not in ("mean", "cls"):
             raise ValueError(f"model.pooling={pooling!r}: choose mean or cls")
-        if d_model % nhead:
-            raise ValueError(f"model.d_model={d_model} must be divisible by model.nhead={nhead}")
         self.pooling = pooling
         self.input = SequenceInput(spec, d_model)
         steps = SequenceInput.steps(spec) + (pooling == "cls")
         self.register_buffer("positions", sinusoidal_positions(steps, d_model), persistent=False)
         self.cls = nn.Parameter(torch.zeros(1, 1, d_model)) if pooling == "cls" else None
-        layer = nn.TransformerEncoderLayer(
-            d_model,
-            nhead,
-            dim_feedforward,
-            dropout,
-            activation="gelu",
-            batch_first=True,
-            norm_first=True,
-        )
-        self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+        self.encoder = pre_norm_encoder(d_model, nhead, dim_feedforward, dropout, num_layers)
         self.norm = nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(d_model, num_classes)
