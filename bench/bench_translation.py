@@ -5,7 +5,8 @@ seconds (not wall time) per training batch and per greedy decode, on the process
         model.dim_feedforward=512
 
 Prints target tokens per CPU-second of training (teacher forcing, label smoothing 0.1, AdamW,
-random batches of train.batch_size pairs) and CPU-seconds to greedily decode one batch."""
+random batches of train.batch_size pairs) and CPU-seconds to decode one batch greedily and with
+task.beam_size beams (the cached decoders of models/translation.py)."""
 
 from __future__ import annotations
 
@@ -56,9 +57,11 @@ def main(processed: Path, overrides: list[str]) -> None:
     print(f"{model['name']} ({params:.1f} M parameters, {torch.get_num_threads()} threads)")
     print(f"train: {tokens / seconds:.0f} target tokens per CPU-second, "
           f"{seconds / STEPS:.2f} CPU-s per batch of {batch}")  # fmt: skip
-    t0 = time.process_time()
-    translate_ids(net, x[order[:batch]], SPECIAL_IDS, cfg.task.max_len)
-    print(f"greedy decode of {batch} sentences: {time.process_time() - t0:.1f} CPU-s")
+    net.eval()
+    for beam in (1, cfg.task.beam_size):
+        t0 = time.process_time()
+        translate_ids(net, x[order[:batch]], SPECIAL_IDS, cfg.task.max_len, beam_size=beam)
+        print(f"beam {beam} decode of {batch} sentences: {time.process_time() - t0:.1f} CPU-s")
 
 
 if __name__ == "__main__":

@@ -97,6 +97,35 @@ def test_padding_never_changes_a_translation(key):
                 torch.testing.assert_close(batch[i, : len(t)], alone[i][0], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("key", list(SMALL))
+def test_cached_steps_give_the_logits_of_the_full_decoder(key):
+    """start/step (the KV cache greedy and beam search decode with) = decode, position by
+    position, also after a padding token (a finished row) and with beams reordered."""
+    net = _net(key).eval()
+    gen = torch.Generator().manual_seed(5)
+    src = torch.randint(4, VOCAB, (3, 7), generator=gen)
+    src[1, 4:] = PAD_ID
+    tgt = torch.randint(4, VOCAB, (3, 10), generator=gen)
+    tgt[:, 0] = BOS_ID
+    tgt[2, 6:] = PAD_ID  # a row that finished: padding keys stay masked
+    with torch.inference_mode():
+        state = net.encode(src)
+        full = net.decode(tgt, state)
+        state, cache = net.start(state)
+        for t in range(tgt.shape[1]):
+            logits, cache = net.step(tgt[:, t], t, state, cache)
+            torch.testing.assert_close(logits, full[:, t], atol=2e-5, rtol=1e-4)
+        # a beam search reorders the cache rows: a row's cache then follows it
+        order = torch.tensor([2, 0, 1])
+        cache = tuple(c[order] for c in cache)
+        state = tuple(s[order] for s in state)
+        nxt = torch.randint(4, VOCAB, (3,), generator=gen)
+        logits, _ = net.step(nxt, tgt.shape[1], state, cache)
+        longer = torch.cat([tgt[order], nxt[:, None]], 1)
+        expected = net.decode(longer, net.encode(src[order]))[:, -1]
+        torch.testing.assert_close(logits, expected, atol=2e-5, rtol=1e-4)
+
+
 def test_models_refuse_what_they_cannot_translate():
     with pytest.raises(ValueError, match="translates token ids"):
         create_model("seq2seq_transformer", input_shape=(28, 28), **SMALL["seq2seq_transformer"])

@@ -6,7 +6,12 @@ encoder-decoder with attention (seq2seq_rnn; a bidirectional GRU/LSTM encoder an
 Both share one interface, which the decoders and the task use:
   `encode(src (B, S)) -> state`, a tuple of batch-first tensors (memory, source mask, ...);
   `decode(tgt (B, T), state) -> logits (B, T, V)`, position t seeing target tokens 0..t only;
-  `forward(src, tgt) = decode(tgt, encode(src))` (teacher forcing).
+  `forward(src, tgt) = decode(tgt, encode(src))` (teacher forcing);
+  `start(state) -> (state, cache)` and `step(token (B,), position, state, cache) -> (logits
+  (B, V), cache)`: the same logits one position at a time, the cache carrying what earlier
+  positions computed (a Transformer's self-attention keys and values, an RNN's hidden state),
+  so decoding T tokens costs O(T) decoder passes of one position instead of O(T^2). Cache
+  tensors are batch-first, so a beam search reorders them by indexing dimension 0.
 Source and target share one vocabulary (the joint subword tokenizer) and one embedding, which
 the output layer reuses (tied weights, Press & Wolf 2017).
 """
@@ -14,6 +19,7 @@ the output layer reuses (tied weights, Press & Wolf 2017).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,13 +52,24 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.attend(x, *self.keys_values(memory), mask)
+
+    def keys_values(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, H, Tk, d) of `memory` (B, Tk, D)."""
+        batch, _, dim = memory.shape
+        k, v = self.kv(memory).view(batch, -1, 2, self.heads, dim // self.heads).unbind(2)
+        return k.transpose(1, 2), v.transpose(1, 2)
+
+    def attend(
+        self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Queries from `x` (B, Tq, D) over keys/values (B, H, Tk, d) -> (B, Tq, D)."""
         batch, length, dim = x.shape
         q = self.q(x).view(batch, length, self.heads, -1).transpose(1, 2)  # (B, H, Tq, d)
-        k, v = self.kv(memory).view(batch, -1, 2, self.heads, dim // self.heads).unbind(2)
         y = F.scaled_dot_product_attention(
             q,
-            k.transpose(1, 2),
-            v.transpose(1, 2),
+            k,
+            v,
             attn_mask=mask[:, None],  # (B, 1, Tq or 1, Tk): the same for every head
             dropout_p=self.dropout if self.training else 0.0,
         )
@@ -94,6 +111,26 @@ class DecoderLayer(nn.Module):
         x = x + self.dropout(self.self_attn(h, h, self_mask))
         x = x + self.dropout(self.cross_attn(self.ln2(x), memory, src_mask))
         return x + self.dropout(self.ff(self.ln3(x)))
+
+    def step(
+        self,
+        x: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        self_mask: torch.Tensor,
+        cross: tuple[torch.Tensor, torch.Tensor],
+        src_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`forward` for one new position x (B, 1, D), given the earlier positions' self-attention
+        keys/values (B, H, t, d), the mask (B, 1, t+1) of keys up to and including this one, and
+        the cross-attention keys/values of the memory; returns (y, keys, values) with this
+        position's keys/values appended."""
+        h = self.ln1(x)
+        k, v = self.self_attn.keys_values(h)
+        keys, values = torch.cat([keys, k], 2), torch.cat([values, v], 2)
+        x = x + self.dropout(self.self_attn.attend(h, keys, values, self_mask))
+        x = x + self.dropout(self.cross_attn.attend(self.ln2(x), *cross, src_mask))
+        return x + self.dropout(self.ff(self.ln3(x))), keys, values
 
 
 @register("seq2seq_transformer", generative=True)
@@ -164,6 +201,38 @@ class Seq2SeqTransformer(nn.Module):
     def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
         return self.decode(tgt, self.encode(src))
 
+    def start(self, state: tuple[torch.Tensor, ...]) -> tuple[tuple, tuple]:
+        """State plus every decoder layer's cross-attention keys and values of the memory
+        (computed once per sentence); an empty cache: the real-key mask (B, 0) and each
+        layer's self-attention keys and values (B, H, 0, d)."""
+        memory, src_mask = state
+        cross = [t for layer in self.decoder for t in layer.cross_attn.keys_values(memory)]
+        batch, heads = len(memory), self.decoder[0].self_attn.heads
+        empty = memory.new_zeros(batch, heads, 0, memory.shape[-1] // heads)
+        keep = torch.zeros(batch, 0, dtype=torch.bool, device=memory.device)
+        return (memory, src_mask, *cross), (keep, *[empty] * (2 * len(self.decoder)))
+
+    def step(
+        self, token: torch.Tensor, position: int, state: tuple, cache: tuple
+    ) -> tuple[torch.Tensor, tuple]:
+        """Logits (B, V) of the position after `token` (B,), which stands at `position`: what
+        `decode` gives at that position, with padding keys masked the same way."""
+        _, src_mask, *cross = state
+        keep, *kv = cache
+        keep = torch.cat([keep, (token != self.pad_id)[:, None]], 1)  # (B, t+1)
+        if position >= MAX_POSITIONS:
+            raise ValueError(f"{position + 1} tokens exceed the {MAX_POSITIONS} positions")
+        h = self.dropout(self.embed(token[:, None]) * self.scale + self.positions[position])
+        new_kv = []
+        for i, layer in enumerate(self.decoder):
+            h, keys, values = layer.step(
+                h, kv[2 * i], kv[2 * i + 1], keep[:, None, :], tuple(cross[2 * i : 2 * i + 2]),
+                src_mask,
+            )  # fmt: skip
+            new_kv += [keys, values]
+        logits = self.dec_norm(h[:, 0]) @ self.embed.weight.T
+        return logits, (keep, *new_kv)
+
 
 @register("seq2seq_rnn", generative=True)
 class Seq2SeqRNN(nn.Module):
@@ -223,17 +292,40 @@ class Seq2SeqRNN(nn.Module):
         return (memory, self.keys(memory), mask, *(self._bridge(f) for f in finals))
 
     def decode(self, tgt: torch.Tensor, state: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        memory, keys, mask, *init = state
-        init = tuple(s.transpose(0, 1).contiguous() for s in init)  # (layers, B, H)
-        out, _ = self.decoder(self.dropout(self.embed(tgt)), init if self.lstm else init[0])
+        _, _, _, *init = state
+        out, _ = self._run_decoder(tgt, init)
+        return self._logits(out, state)
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        return self.decode(tgt, self.encode(src))
+
+    def start(self, state: tuple[torch.Tensor, ...]) -> tuple[tuple, tuple]:
+        """The state as it is; the cache: the decoder's initial state(s) (B, layers, H)."""
+        return state, tuple(state[3:])
+
+    def step(
+        self, token: torch.Tensor, position: int, state: tuple, cache: tuple
+    ) -> tuple[torch.Tensor, tuple]:
+        """Logits (B, V) of the position after `token` (B,), and the decoder's new state."""
+        out, final = self._run_decoder(token[:, None], cache)
+        return self._logits(out, state)[:, 0], final
+
+    def _run_decoder(
+        self, tgt: torch.Tensor, hidden: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, tuple]:
+        """Decoder outputs (B, T, H) from its state(s) (B, layers, H), and the final state(s)."""
+        hidden = tuple(s.transpose(0, 1).contiguous() for s in hidden)  # (layers, B, H)
+        out, final = self.decoder(self.dropout(self.embed(tgt)), hidden if self.lstm else hidden[0])
+        final = final if self.lstm else (final,)
+        return out, tuple(s.transpose(0, 1) for s in final)
+
+    def _logits(self, out: torch.Tensor, state: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        memory, keys, mask, *_ = state
         scores = out @ keys.transpose(1, 2)  # (B, T, S)
         weights = scores.masked_fill(~mask[:, None, :], float("-inf")).softmax(-1)
         context = weights @ memory  # (B, T, 2H)
         h = torch.tanh(self.combine(torch.cat([out, context], -1)))
         return self.out(self.dropout(h)) @ self.embed.weight.T  # (B, T, V), tied output layer
-
-    def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
-        return self.decode(tgt, self.encode(src))
 
 
 # --- decoding -------------------------------------------------------------------------------
@@ -251,11 +343,12 @@ def greedy_decode(
     """The most likely next token at each step, for source ids (B, S); returns generated ids
     (B, T) without [BOS], [EOS] included where reached, padded after it. At most
     min(max_len, 2 x longest source + 10) tokens."""
-    state = net.encode(src)
+    state, cache = net.start(net.encode(src))
     ys = torch.full((len(src), 1), bos_id, dtype=torch.long, device=src.device)
     done = torch.zeros(len(src), dtype=torch.bool, device=src.device)
-    for _ in range(_max_steps(src, pad_id, max_len)):
-        next_id = net.decode(ys, state)[:, -1].argmax(-1).masked_fill(done, pad_id)
+    for position in range(_max_steps(src, pad_id, max_len)):
+        logits, cache = net.step(ys[:, -1], position, state, cache)
+        next_id = logits.argmax(-1).masked_fill(done, pad_id)
         ys = torch.cat([ys, next_id[:, None]], 1)
         done |= next_id == eos_id
         if done.all():
@@ -287,15 +380,17 @@ def beam_search(
     if beam_size < 1:
         raise ValueError(f"beam_size={beam_size} must be >= 1")
     batch, k, device = len(src), beam_size, src.device
-    state = tuple(s.repeat_interleave(k, 0) for s in net.encode(src))  # (B*k, ...)
+    # (B*k, ...); the beams of one sentence share its state rows, so only the cache is reordered
+    state, cache = net.start(tuple(s.repeat_interleave(k, 0) for s in net.encode(src)))
     ys = torch.full((batch * k, 1), bos_id, dtype=torch.long, device=device)
     scores = torch.full((batch, k), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all beams start equal: keep one, or the top k would be k copies
     lengths = torch.zeros(batch * k, device=device)
     done = torch.zeros(batch * k, dtype=torch.bool, device=device)
     offsets = (torch.arange(batch, device=device) * k)[:, None]  # (B, 1)
-    for _ in range(_max_steps(src, pad_id, max_len)):
-        logp = net.decode(ys, state)[:, -1].float().log_softmax(-1)  # (B*k, V)
+    for position in range(_max_steps(src, pad_id, max_len)):
+        logits, cache = net.step(ys[:, -1], position, state, cache)
+        logp = logits.float().log_softmax(-1)  # (B*k, V)
         vocab = logp.shape[-1]
         # A finished beam continues with padding at no cost, and with nothing else.
         logp[done] = float("-inf")
@@ -308,7 +403,7 @@ def beam_search(
         was_done = done[origin]
         lengths = lengths[origin] + (~was_done).float()
         done = was_done | (token == eos_id)
-        state = tuple(s[origin] for s in state)
+        cache = tuple(c[origin] for c in cache)
         if done.all():
             break
     normalized = scores / length_penalty(lengths.view(batch, k), alpha)
