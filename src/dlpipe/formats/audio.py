@@ -145,22 +145,28 @@ def parse_names(folder: Path) -> tuple[list[str], np.ndarray, np.ndarray, np.nda
     return names, np.array(digits, np.int64), np.array(speakers), np.array(indices, np.int64)
 
 
+def is_test_recording(data: Mapping, speakers: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """Boolean mask (N,) of the test recordings: the official rule (recording index 0-4 of every
+    speaker and digit) or, with data.test_speaker, every recording of that speaker. ValueError
+    naming the speakers when data.test_speaker is not one of them."""
+    test_speaker = data.get("test_speaker")
+    if test_speaker is None:
+        return indices < TEST_INDICES
+    if test_speaker not in speakers:
+        raise ValueError(
+            f"data.test_speaker={test_speaker!r} is not a speaker of the data: choose one of "
+            f"{sorted(set(speakers))} or null (official split)"
+        )
+    return speakers == test_speaker
+
+
 def split_indices(
     data: Mapping, digits: np.ndarray, speakers: np.ndarray, indices: np.ndarray, seed: int
 ) -> dict[str, np.ndarray]:
     """Recording numbers per split: test by the official rule or the held-out speaker; then an
     optional stratified cap (data.limit) and a stratified, seeded validation share."""
     rng = np.random.default_rng(seed)
-    test_speaker = data.get("test_speaker")
-    if test_speaker is None:
-        is_test = indices < TEST_INDICES
-    elif test_speaker in speakers:
-        is_test = speakers == test_speaker
-    else:
-        raise ValueError(
-            f"data.test_speaker={test_speaker!r} is not a speaker of the data: choose one of "
-            f"{sorted(set(speakers))} or null (official split)"
-        )
+    is_test = is_test_recording(data, speakers, indices)
     test, rest = np.flatnonzero(is_test), np.flatnonzero(~is_test)
     limit = check_limit(data, 2 * len(CLASSES), "recordings", "train and val need every digit")
     if limit is not None and limit < len(rest):

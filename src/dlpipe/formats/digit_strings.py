@@ -110,16 +110,7 @@ def recording_splits(
     """Recording numbers per split, disjoint: test by the official rule (index 0-4) or the
     held-out speaker (data.test_speaker); validation a seeded share (data.val_fraction) of the
     rest, stratified by (speaker, digit) so every speaker can say every digit in both."""
-    test_speaker = data.get("test_speaker")
-    if test_speaker is None:
-        is_test = indices < audio.TEST_INDICES
-    elif test_speaker in speakers:
-        is_test = speakers == test_speaker
-    else:
-        raise ValueError(
-            f"data.test_speaker={test_speaker!r} is not a speaker of the data: choose one of "
-            f"{sorted(set(speakers))} or null (official split)"
-        )
+    is_test = audio.is_test_recording(data, speakers, indices)
     test, rest = np.flatnonzero(is_test), np.flatnonzero(~is_test)
     check_fraction(data, "val_fraction")
     strata = np.unique(speakers[rest], return_inverse=True)[1] * 10 + digits[rest]
