@@ -20,7 +20,7 @@ from dlpipe.collect import collect
 from dlpipe.data import load_split
 from dlpipe.evaluate import evaluate
 from dlpipe.preprocess import preprocess
-from dlpipe.register import champion_gate, gate_floors, register
+from dlpipe.register import baseline_required, champion_gate, gate_floors, register
 from dlpipe.train import train
 
 # A setup that learns within an epoch on 1600 samples (see test_evaluate_register.py).
@@ -111,7 +111,7 @@ def test_table_baseline_picks_linear_regression_for_a_linear_target(tmp_path, da
 def test_a_model_below_the_baseline_never_takes_champion(make_cfg):
     # An untrained network (lr 1e-7) with no champion yet: registered, never @champion.
     cfg = make_cfg(*LEARNS, "optim.lr=1e-7")
-    assert cfg.register.require_beat_baseline  # on by default for classifiers
+    assert baseline_required(cfg)  # on by default for classifiers
     train(cfg)
     metrics = evaluate(cfg)
     assert metrics["baseline/acc"] > 0.9  # logistic regression / boosting on the pixels

@@ -2,12 +2,14 @@
 experiment in conf/experiment/ runs all six stages at smoke size and registers a model that loads.
 New options and experiments are picked up by glob: they are tested for free."""
 
+import re
 from pathlib import Path
 
 import mlflow
 import pytest
 from omegaconf import OmegaConf
 
+from dlpipe.register import baseline_required
 from dlpipe.smoke import sized
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -23,6 +25,35 @@ def _required(group: str, option: str) -> list[str]:
     The config itself says these can't compose without one."""
     node = OmegaConf.load(CONF / group / f"{option}.yaml")
     return [f"{group}.{k}=mine" for k in node if OmegaConf.is_missing(node, k)]
+
+
+def _leaves(node, prefix: str) -> set[str]:
+    if not isinstance(node, dict):
+        return {prefix.rstrip(".")}
+    return {leaf for k, v in node.items() for leaf in _leaves(v, f"{prefix}{k}.")}
+
+
+def test_no_interpolation_reads_a_key_that_stages_change_after_composing():
+    """DVC writes params.yaml with `${...}` resolved, and the stages then change keys in code:
+    smoke=true merges the tiny sizes, tuning applies its parameters. An interpolation reading
+    such a key would keep the stale value under `dvc repro` (register.require_beat_baseline
+    once kept the full-size `true` of ${task.require_beat_baseline} at smoke size)."""
+    changed = _leaves(OmegaConf.to_container(OmegaConf.load(CONF / "config.yaml"))["tiny"], "")
+    for group in ("data", "model", "task"):
+        for path in (CONF / "tiny" / group).glob("*.yaml"):
+            changed |= _leaves(OmegaConf.to_container(OmegaConf.load(path)), f"{group}.")
+    for path in (CONF / "search").glob("*.yaml"):
+        leaves = _leaves(OmegaConf.to_container(OmegaConf.load(path)), "")
+        # a search leaf is {type: ..., low: ...}: the key it sets is its parent's path
+        changed |= {leaf.rsplit(".", 1)[0].split("__")[0] for leaf in leaves}
+    reads = {}
+    for path in CONF.rglob("*.yaml"):
+        for line in path.read_text().splitlines():
+            code = line.split("#", 1)[0]
+            for key in re.findall(r"\$\{(?:oc\.select:)?([A-Za-z_][\w.]*)", code):
+                reads.setdefault(key, []).append(path.relative_to(CONF).as_posix())
+    stale = {key: where for key, where in reads.items() if key in changed}
+    assert not stale, f"interpolations of keys the stages change in code: {stale}"
 
 
 @pytest.mark.parametrize("smoke", [False, True], ids=["full", "smoke"])
@@ -67,7 +98,7 @@ def test_every_experiment_runs_all_stages_at_smoke_size(experiment, smoke_run):
     suffix = metric.split("/", 1)[1]
     assert f"baseline/{suffix}" in metrics
     floors = [metrics.get(f"chance/{suffix}")]
-    if cfg.register.require_beat_baseline:
+    if baseline_required(cfg):
         floors.append(metrics[f"baseline/{suffix}"])
     maximize = cfg.register.direction == "maximize"
     value = metrics[metric]

@@ -56,6 +56,13 @@ def gate_floors(
     return {n: metrics[f"{n}/{suffix}"] for n in names if f"{n}/{suffix}" in metrics}
 
 
+def baseline_required(cfg: DictConfig) -> bool:
+    """Whether the gate requires beating the classical baseline: register.require_beat_baseline,
+    or where that is null the task's default, task.require_beat_baseline (false if unset)."""
+    value = cfg.register.get("require_beat_baseline")
+    return bool(cfg.task.get("require_beat_baseline", False) if value is None else value)
+
+
 def register(cfg: DictConfig) -> dict[str, Any]:
     check_config(cfg)
     run = json.loads((Path(cfg.paths.train) / "run.json").read_text())
@@ -83,7 +90,7 @@ def register(cfg: DictConfig) -> dict[str, Any]:
     champion_value = _metric_of(client, champion, metric) if champion is not None else None
     challenger_value = metrics[metric]
     maximize = cfg.register.direction == "maximize"
-    floors = gate_floors(metrics, metric, cfg.register.require_beat_baseline)
+    floors = gate_floors(metrics, metric, baseline_required(cfg))
     promoted = champion_gate(challenger_value, champion_value, maximize, floors)
     missed = [
         f for f in floors if not champion_gate(challenger_value, None, maximize, {f: floors[f]})

@@ -117,7 +117,7 @@ class Model(_Section):
 
 class Register(_Section):
     export: Literal["none", "onnx", "torch_export"] = "onnx"
-    require_beat_baseline: Annotated[bool, Field(strict=True)] = False
+    require_beat_baseline: Annotated[bool, Field(strict=True)] | None = None  # null: the task's
 
 
 class Mlflow(_Section):
