@@ -26,8 +26,8 @@ from dlpipe.data import load_meta, load_split
 from dlpipe.evaluate import evaluate
 from dlpipe.formats.images import fit_image
 from dlpipe.models import predict
+from dlpipe.modules.classifier import Classifier
 from dlpipe.register import register
-from dlpipe.tasks.classifier import Classifier
 from dlpipe.train import train
 
 # A setup that learns within an epoch on 1600 samples (see test_train.py).

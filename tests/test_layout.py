@@ -72,13 +72,13 @@ def test_only_stages_import_stages():
     assert not offenders, f"modules below the stages import a stage: {offenders}"
 
 
-# Packages whose modules a stage picks by config at run time (format_module, get_task), so all
-# of them count as imported by that stage.
+# Packages whose modules a stage picks by config at run time (format_module, get_task, and the
+# task's `module()` for training), so all of them count as imported by that stage.
 DISPATCH = {
     "collect": (),
     "preprocess": ("dlpipe.formats",),
-    "tune": ("dlpipe.tasks", "dlpipe.formats"),
-    "train": ("dlpipe.tasks", "dlpipe.formats"),
+    "tune": ("dlpipe.tasks", "dlpipe.modules", "dlpipe.formats"),
+    "train": ("dlpipe.tasks", "dlpipe.modules", "dlpipe.formats"),
     "evaluate": ("dlpipe.tasks", "dlpipe.formats"),
     "register": ("dlpipe.tasks", "dlpipe.formats"),
 }
@@ -153,6 +153,28 @@ print(json.dumps([p for p in {NOT_LOADED[stage]!r} if p in sys.modules]))
     )
     loaded = json.loads(out.stdout.strip().splitlines()[-1])
     assert not loaded, f"pipelines/{stage}.py loads {loaded}, which it does not use"
+
+
+# Tasks whose Lightning side lives in dlpipe.modules (issue 13): evaluate and register of these
+# load no Lightning at all, the task module `get_task` picks at run time included.
+SPLIT = ("classifier",)
+
+
+@pytest.mark.parametrize("task", SPLIT)
+@pytest.mark.parametrize("stage", ["evaluate", "register"])
+def test_evaluate_and_register_of_a_split_task_load_no_lightning(stage, task):
+    code = f"""
+import importlib.util, sys
+script = importlib.util.spec_from_file_location("stage_script", "pipelines/{stage}.py")
+script.loader.exec_module(importlib.util.module_from_spec(script))  # its imports, not main()
+from dlpipe.tasks import get_task
+get_task({task!r})
+print("lightning" in sys.modules)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert out.stdout.strip().splitlines()[-1] == "False", f"{stage} of {task} loads Lightning"
 
 
 def test_every_torch_load_says_weights_only():

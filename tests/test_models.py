@@ -4,6 +4,7 @@ config keys."""
 
 import inspect
 import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -16,6 +17,7 @@ from dvc.utils.hydra import compose_and_dump
 from omegaconf import OmegaConf
 
 from dlpipe.models import available_models, create_model, generative_models, register
+from dlpipe.models.simple import char_ngram_ids
 from dlpipe.train import to_dict, with_overrides
 from dlpipe.tune import suggest
 
@@ -43,6 +45,7 @@ SMALL = {  # per model: the config keys that shrink it to test size
     "vae": {"width": 8, "latent_dim": 6},
     "fasttext": {"embed_dim": 8, "hidden_size": 8, "buckets": 100},
     "ft_transformer": {"d_model": 8, "nhead": 2, "dim_feedforward": 16},
+    "plr_mlp": {"frequencies": 4, "embed_dim": 4, "width": 8, "depth": 1},
     "mlp_autoencoder": {"width": 8, "latent_dim": 4},
     "crnn": {"channels": 4, "hidden_size": 8},
     "conv_transformer": {"channels": 4, "d_model": 8, "nhead": 2, "dim_feedforward": 16},
@@ -87,7 +90,8 @@ def _build(model: dict, input_shape: tuple[int, ...]) -> torch.nn.Module:
             input_shape=(32,),
             num_classes=NUM_CLASSES,
             input_kind="tokens",
-            vocab_size=50,
+            vocab_size=VOCAB,
+            vocab=WORDS,  # the token strings the text_table format gives
             **kwargs,
         )
     if kwargs["name"] == "gpt":  # tokens in, next-token logits out
@@ -284,6 +288,8 @@ def test_search_space_names_real_config_keys(compose_conf, name):
 # --- sequence models: masks ---------------------------------------------------------------
 
 VOCAB, PAD = 50, 0
+# The token strings a text_table format would give (fasttext hashes their character n-grams).
+WORDS = ["[PAD]", "[UNK]", *(f"w{'o' * (i % 7)}rd{i}" for i in range(2, VOCAB))]
 SEQUENCE_MODELS = ["rnn", "lstm", "gru", "transformer"]
 
 
@@ -296,6 +302,7 @@ def _token_model(name: str, per_step: bool = False, **overrides) -> torch.nn.Mod
         input_kind="tokens",
         vocab_size=VOCAB,
         pad_id=PAD,
+        vocab=WORDS,
         per_step=per_step,
         **kwargs,
     ).eval()
@@ -310,6 +317,7 @@ def _token_model(name: str, per_step: bool = False, **overrides) -> torch.nn.Mod
         ("transformer", {"pooling": "mean"}),
         ("transformer", {"pooling": "cls"}),
         ("fasttext", {"word_ngrams": 3}),
+        ("fasttext", {"word_ngrams": 1, "char_ngram_max": 0}),
     ],
     ids=str,
 )
@@ -328,6 +336,28 @@ def test_padding_never_changes_a_classification(name, overrides):
             padded = net(batch)
             for i in range(len(tokens)):
                 torch.testing.assert_close(padded[i : i + 1], alone[i], atol=1e-5, rtol=1e-4)
+
+
+def test_fasttext_character_ngrams_are_shared_by_related_words():
+    """ "bored" and "boring" share "<bo", "bor" and "<bor"; the table is the same in every
+    process (CRC-32, not Python's salted hash); special tokens get no n-grams."""
+    words = ["[UNK]", "bored", "boring", "xyz"]
+    table = char_ngram_ids(words, 3, 4, buckets=10**6)
+    grams = [set(row[row >= 0].tolist()) for row in table]
+    assert table.shape == (4, 6 + 5)  # "<boring>": six 3-grams, five 4-grams
+    assert [len(g) for g in grams] == [0, 5 + 4, 6 + 5, 3 + 2]
+    assert len(grams[1] & grams[2]) == 3 and not grams[3] & (grams[1] | grams[2])
+    script = (
+        "from dlpipe.models.simple import char_ngram_ids as f; print(f(['bored'], 3, 4, 10**6))"
+    )
+    other = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert other.stdout.strip() == str(table[1:2, :9]), other.stderr
+    kwargs = _defaults("fasttext")
+    del kwargs["name"]
+    with pytest.raises(ValueError, match="char_ngram_max=0"):  # no token strings to hash
+        create_model(
+            "fasttext", input_shape=(8,), num_classes=2, input_kind="tokens", vocab_size=9, **kwargs
+        )
 
 
 @pytest.mark.parametrize("name", ["gpt", "lstm", "gru", "rnn"])

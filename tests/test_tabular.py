@@ -122,6 +122,28 @@ def test_a_value_only_in_the_test_rows_moves_nothing(data_config, tmp_path):
     assert (x[-4:] == 0).all()
 
 
+def test_quantile_scaling_maps_training_columns_to_a_normal(data_config, tmp_path):
+    """data.scaling=quantile: a skewed numeric training column comes out standard normal (by
+    rank, from the training rows), in the same order; an unknown scaling is an error naming
+    the choices."""
+    csv = tmp_path / "table.csv"
+    table = _write_table(csv)
+    table["size"] = np.exp(table["size"] / 20)  # heavy right tail
+    table.to_csv(csv, index=False)
+    root = tmp_path / "q"
+    processed = _own_table(
+        data_config, root, csv, target="price", drop=["id", "label"], scaling="quantile"
+    )
+    x = load_array(processed, "train_x")
+    assert abs(np.median(x[:, 0])) < 0.1 and 0.8 < x[:, 0].std() < 1.2
+    train = table.iloc[load_array(processed, "train_row")]
+    ranks = train["size"].rank().to_numpy()
+    known = train["size"].notna().to_numpy()
+    assert (np.diff(x[known, 0][np.argsort(ranks[known])]) >= 0).all()  # order kept
+    with pytest.raises(ValueError, match=r"data.scaling='minmax'.*'quantile'"):
+        _own_table(data_config, tmp_path / "bad", csv, target="price", scaling="minmax")
+
+
 @pytest.mark.parametrize(
     ("values", "kind"),
     [

@@ -39,6 +39,8 @@ TINY = {
             "bidirectional": False, "dropout": 0.0},
     "transformer": {"name": "transformer", "d_model": 16, "nhead": 2, "num_layers": 2,
                     "dim_feedforward": 32, "dropout": 0.0, "pooling": "mean"},
+    "fasttext": {"name": "fasttext", "embed_dim": 16, "hidden_size": 16, "word_ngrams": 2,
+                 "char_ngram_min": 3, "char_ngram_max": 5, "buckets": 1000, "dropout": 0.0},
 }  # fmt: skip
 
 
@@ -67,6 +69,10 @@ def test_sst2_splits_and_meta(sst2: Path):
     assert (x[cols >= lengths[:, None]] == PAD_ID).all()  # right-padded
     assert (x[cols < lengths[:, None]] != PAD_ID).all()
     assert x.max() < meta["vocab_size"]
+    # The token strings by id, for models that look inside words (fasttext's char n-grams).
+    tokenizer = Tokenizer.from_file(serving_files(sst2)["tokenizer"])
+    assert len(meta["vocab"]) == meta["vocab_size"] and meta["vocab"][:2] == ["[PAD]", "[UNK]"]
+    assert [tokenizer.token_to_id(w) for w in meta["vocab"]] == list(range(meta["vocab_size"]))
 
 
 def test_preprocess_twice_is_byte_identical(sst2: Path, tmp_path: Path, data_config):

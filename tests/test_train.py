@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from dlpipe.callbacks import DivergedError
 from dlpipe.data import load_meta
 from dlpipe.errors import ConfigError
-from dlpipe.tasks.classifier import Classifier
+from dlpipe.modules.classifier import Classifier
 from dlpipe.train import to_dict, train
 
 # A setup that learns within an epoch or two on 1600 samples (the default onecycle schedule

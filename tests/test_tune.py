@@ -179,3 +179,21 @@ def test_study_without_a_completed_trial_fails_loudly(make_cfg):
     parent_id = _study(cfg).user_attrs["mlflow_run_id"]
     assert client.get_run(parent_id).info.status == "FAILED"
     assert not (Path(cfg.paths.tune) / "best_params.yaml").exists()
+
+
+def test_a_config_that_differs_from_a_sibling_study_says_in_which_key(compose_conf):
+    """Workers started by hand share a study only if their configs agree: one that differs
+    starts its own study, and the stage names the key (the study keeps its identity)."""
+    from dlpipe.tuning.study import differs_from_siblings, identity
+
+    storage = optuna.storages.InMemoryStorage()
+    first = compose_conf("model=mlp")
+    assert differs_from_siblings(storage, first) is None  # nothing to differ from
+    study = optuna.create_study(study_name=study_name(first), storage=storage)
+    study.set_user_attr("identity", identity(first))
+    assert differs_from_siblings(storage, first) is None  # the same study: it resumes
+    second = compose_conf("model=mlp", "tune.pruner.n_warmup_steps=2")
+    said = differs_from_siblings(storage, second)
+    assert said is not None and study_name(first) in said
+    assert "tune.pruner.n_warmup_steps=0 there, 2 here" in said
+    assert differs_from_siblings(storage, compose_conf("model=cnn")) is None  # another model

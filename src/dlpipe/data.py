@@ -195,6 +195,14 @@ def stratified_split(
     return rng.permutation(np.concatenate(taken)), rng.permutation(np.concatenate(rest))
 
 
+def sample_rows(n: int, limit: int | None, rng: np.random.Generator) -> np.ndarray | None:
+    """Sorted indices of a seeded sample of `limit` of `n` rows (order kept), or None when
+    `limit` is None or leaves every row (then `rng` is not drawn from)."""
+    if limit is None or limit >= n:
+        return None
+    return np.sort(rng.permutation(n)[:limit])
+
+
 def fraction_count(data: Mapping, key: str, n: int) -> int:
     """round(data[key] * n), checked to leave at least one sample on each side."""
     k = round(data[key] * n)

@@ -16,8 +16,7 @@ import logging
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dlpipe.logs import quieted
 from dlpipe.models.sequence import Recurrent
 from dlpipe.tasks import ExportTarget, NotExportable
 
@@ -63,7 +63,7 @@ def export(target: ExportTarget, kind: str, path: Path) -> Path:
     axis; returns `path`. Raises what the exporter raises when the network does not export."""
     example = _example(target.inputs)
     batch = torch.export.Dim("batch")
-    with warnings.catch_warnings(), _exporter_logs_quiet():
+    with warnings.catch_warnings(), quieted(EXPORTER_LOGGERS, logging.ERROR):
         # The exporter's notes on torch internals (not on this network) would flood the log.
         warnings.simplefilter("ignore")
         if kind == "onnx":
@@ -91,19 +91,6 @@ def export(target: ExportTarget, kind: str, path: Path) -> Path:
 # What the exporters log while they work: torch.onnx's "torchvision is not installed" notes and
 # the graph optimizers' pass reports ("Removed 19 unused nodes"). Their errors still show.
 EXPORTER_LOGGERS = ("torch.onnx", "torch.export", "onnxscript", "onnx_ir")
-
-
-@contextmanager
-def _exporter_logs_quiet() -> Iterator[None]:
-    loggers = [logging.getLogger(name) for name in EXPORTER_LOGGERS]
-    levels = [one.level for one in loggers]
-    for one in loggers:
-        one.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for one, level in zip(loggers, levels, strict=True):
-            one.setLevel(level)
 
 
 def load_runner(kind: str, path: Path) -> Callable[[np.ndarray], np.ndarray]:

@@ -57,6 +57,12 @@ class Pruner(_Section):
     reduction_factor: Annotated[int, Field(strict=True, ge=2)]
 
 
+class Cost(_Section):
+    check: bool
+    steps: PositiveInt
+    max_trial_s: Annotated[float, Field(gt=0)] | None
+
+
 class Sampler(_Section):
     name: Literal["tpe", "gp", "cmaes", "random", "qmc", "nsga2"]
     n_startup_trials: NonNegativeInt
@@ -75,6 +81,7 @@ class Tune(_Section):
     max_epochs: PositiveInt
     timeout_s: Annotated[float, Field(gt=0)] | None
     trial_timeout_s: Annotated[float, Field(gt=0)] | None
+    cost: Cost
     direction: Literal["maximize", "minimize"]
     workers: PositiveInt
     devices: Literal["auto"] | list[NonNegativeInt]
@@ -110,6 +117,10 @@ class Model(_Section):
     beta: Annotated[float, Field(ge=0)] | None = None
     word_ngrams: PositiveInt | None = None
     buckets: PositiveInt | None = None
+    char_ngram_min: PositiveInt | None = None  # fasttext: character n-grams of each word
+    char_ngram_max: NonNegativeInt | None = None  # 0: none
+    frequencies: PositiveInt | None = None  # plr_mlp: periodic embedding
+    sigma: Annotated[float, Field(gt=0)] | None = None
     channels: PositiveInt | None = None  # crnn, conv_transformer: conv feature maps
     conv_layers: PositiveInt | None = None
     time_stride: PositiveInt | None = None

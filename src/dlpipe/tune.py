@@ -32,6 +32,7 @@ from dlpipe.schema import check_config
 from dlpipe.tracking import setup_mlflow
 from dlpipe.train import fit, with_overrides
 from dlpipe.tuning.callbacks import DDPPruning, TrialRecord, TrialTimeout, read_record
+from dlpipe.tuning.cost import check_cost
 from dlpipe.tuning.objectives import MEASURED, constraints, log_front, measure, objectives, select
 from dlpipe.tuning.pool import run_pool
 from dlpipe.tuning.space import config_key, make_pruner, make_sampler, own_settings, suggest
@@ -39,6 +40,8 @@ from dlpipe.tuning.study import (
     ORIGIN,
     close_stale_trials,
     dead_here,
+    differs_from_siblings,
+    identity,
     improvement,
     lost,
     mark_child,
@@ -79,14 +82,24 @@ def tune(cfg: DictConfig) -> dict[str, Any]:
             "tune.pruner=%s does not apply", len(goals), cfg.tune.pruner.name,
         )  # fmt: skip
 
+    storage = open_storage(url)
+    fresh = study_name(cfg) not in optuna.get_all_study_names(storage)
+    if fresh and (siblings := differs_from_siblings(storage, cfg)) is not None:
+        log.warning("%s", siblings)
+    # A fresh study: say what its costliest trial costs (or refuse) before any is drawn.
+    cost = check_cost(cfg) if fresh and cfg.tune.cost.check else None
     study = optuna.create_study(
         study_name=study_name(cfg),
-        storage=open_storage(url),
+        storage=storage,
         directions=[g.direction for g in goals],
         sampler=make_sampler(cfg.tune.sampler, cfg.seed, len(goals)),
         pruner=make_pruner(cfg.tune.pruner, len(goals), cfg.tune.max_epochs),
         load_if_exists=True,
     )
+    if fresh:
+        study.set_user_attr("identity", identity(cfg))
+    if cost is not None:
+        study.set_user_attr("cost", cost)
     if not study.trials:
         # Trial 0: the experiment's own settings (skip_if_exists: workers starting together).
         study.enqueue_trial(own_settings(cfg), {"origin": ORIGIN}, skip_if_exists=True)
@@ -133,10 +146,14 @@ def tune(cfg: DictConfig) -> dict[str, Any]:
         "trials": counts,
         "mlflow_run_id": parent_id,
         **improvement(study, chosen, goals[0].direction),
+        "cost": study.user_attrs.get("cost"),  # the space's costliest trial, estimated
     }
     metrics = [Metric(f"trials/{state}", n, _now(), 0) for state, n in counts.items()]
     for goal, value in zip(goals, chosen.values, strict=True):
         metrics.append(Metric(f"best/{goal.metric}", value, _now(), 0))
+    for key in ("params", "epoch_s", "trial_s"):
+        if summary["cost"] is not None and summary["cost"][key] is not None:
+            metrics.append(Metric(f"cost/{key}", summary["cost"][key], _now(), 0))
     if summary.get("improvement") is not None:
         metrics.append(Metric("best/improvement", summary["improvement"], _now(), 0))
     if len(goals) > 1:

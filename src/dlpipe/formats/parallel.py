@@ -35,6 +35,7 @@ from dlpipe.data import (
     decode_text,
     fraction_count,
     read_verified,
+    sample_rows,
     save_arrays,
     source_of,
     write_atomic,
@@ -75,9 +76,7 @@ def preprocess(data: Mapping, raw_dir: Path, out_dir: Path, seed: int) -> dict:
     else:
         splits = {s: _read_lines(data, raw_dir, manifest, stem) for s, stem in _stems(data)}
     splits["train"], dropped = _drop_empty(splits["train"])
-    limit = data.get("limit")
-    if limit is not None and limit < len(splits["train"][0]):
-        keep = np.sort(rng.permutation(len(splits["train"][0]))[:limit])
+    if (keep := sample_rows(len(splits["train"][0]), data.get("limit"), rng)) is not None:
         splits["train"] = tuple([side[i] for i in keep] for side in splits["train"])
     eval_limit = data.get("eval_limit")
     if eval_limit is not None:  # quick runs: the head of validation and test

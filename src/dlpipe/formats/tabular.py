@@ -26,7 +26,7 @@ import torch
 from sklearn.compose import ColumnTransformer
 from sklearn.impute import SimpleImputer
 from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import OneHotEncoder, StandardScaler
+from sklearn.preprocessing import OneHotEncoder, QuantileTransformer, StandardScaler
 
 from dlpipe.data import (
     DataError,
@@ -37,6 +37,7 @@ from dlpipe.data import (
     checked_manifest,
     decode_text,
     read_verified,
+    sample_rows,
     save_arrays,
     source_of,
     stratified_split,
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 TRANSFORM = "transform.pkl"  # the fitted ColumnTransformer (pickle), shipped with the model
 EXAMPLE_ROWS = "test_rows.csv"  # the test split's raw feature rows, for examples and checks
 TARGET_KINDS = ("auto", "classification", "regression")
+SCALINGS = ("standard", "quantile")  # of numeric columns (make_transform)
 DECIMAL_COMMA = r"-?\d+(\.\d{3})*,\d+"  # 3,5 or 1.000,25: a number from a comma-decimal locale
 
 INPUT_DOC = (
@@ -67,9 +69,8 @@ def preprocess(data: Mapping, raw_dir: Path, out_dir: Path, seed: int) -> dict:
     kind = target_kind(frame[target], data["target_kind"], data["max_classes"])
 
     rng = np.random.default_rng(seed)
-    limit = data.get("limit")
-    if limit is not None and limit < len(frame):
-        frame = frame.iloc[np.sort(rng.permutation(len(frame))[:limit])]
+    if (rows := sample_rows(len(frame), data.get("limit"), rng)) is not None:
+        frame = frame.iloc[rows]
     features = frame.drop(columns=[target])
     if kind == "classification":
         labels = frame[target].astype(str)
@@ -83,8 +84,9 @@ def preprocess(data: Mapping, raw_dir: Path, out_dir: Path, seed: int) -> dict:
             {s: y[idx] for s, idx in splits.items()}, classes, "give those classes more rows"
         )
 
-    transform = make_transform(features)
-    transform.fit(coerce(features.iloc[splits["train"]], *columns_of(transform)))
+    train_rows = features.iloc[splits["train"]]
+    transform = make_transform(train_rows, data.get("scaling", "standard"))
+    transform.fit(coerce(train_rows, *columns_of(transform)))
     arrays = {}
     for split, idx in splits.items():
         arrays[f"{split}_x"] = table_features(transform, features.iloc[idx])
@@ -250,7 +252,22 @@ def split_rows(
     }
 
 
-def make_transform(features: pd.DataFrame) -> ColumnTransformer:
+def make_transform(features: pd.DataFrame, scaling: str = "standard") -> ColumnTransformer:
+    """The unfitted transform of the columns of `features` (the rows it will be fitted on).
+    Numeric columns: median-imputed, then standardized (`scaling="standard"`) or mapped
+    through their quantiles to a standard normal (`"quantile"`: sklearn's QuantileTransformer,
+    up to 1,000 quantiles; heavy tails and skew gone, as tabular networks prefer). Other
+    columns: one-hot, unknown categories all-zero."""
+    scaler = (
+        StandardScaler()
+        if scaling == "standard"
+        else QuantileTransformer(
+            n_quantiles=min(1000, len(features)),
+            output_distribution="normal",
+            subsample=None,
+            random_state=0,
+        )
+    )
     numeric = [
         c
         for c in features.columns
@@ -260,7 +277,7 @@ def make_transform(features: pd.DataFrame) -> ColumnTransformer:
     categorical = [c for c in features.columns if c not in numeric]
     return ColumnTransformer(
         [
-            ("numeric", make_pipeline(SimpleImputer(strategy="median"), StandardScaler()), numeric),
+            ("numeric", make_pipeline(SimpleImputer(strategy="median"), scaler), numeric),
             (
                 "categorical",
                 make_pipeline(
@@ -319,6 +336,8 @@ def _validate(data: Mapping) -> None:
         raise ValueError(
             f"data.target_kind={data.get('target_kind')!r}: choose one of {list(TARGET_KINDS)}"
         )
+    if data.get("scaling", "standard") not in SCALINGS:
+        raise ValueError(f"data.scaling={data.get('scaling')!r}: choose one of {list(SCALINGS)}")
     for key in ("val_fraction", "test_fraction"):
         check_fraction(data, key)
     check_limit(data, 10, "rows")

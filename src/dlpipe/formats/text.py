@@ -108,6 +108,8 @@ def preprocess(data: Mapping, raw_dir: Path, out_dir: Path, seed: int) -> dict:
         "input_shape": [max_len],
         "vocab_size": tokenizer.get_vocab_size(),
         "pad_id": PAD_ID,
+        # the token strings by id, for models that look inside words (fasttext's char n-grams)
+        "vocab": sorted(tokenizer.get_vocab(), key=tokenizer.token_to_id),
         # x rows are right-padded; {split}_lengths.npy lets batches be trimmed (make_datamodule)
         "padded": True,
         "mean": None,
@@ -161,9 +163,10 @@ def fit_tokenizer(
 def encode(tokenizer: Tokenizer, texts: Sequence[str], width: int | None = None) -> np.ndarray:
     """Token ids int32 (N, width), 0-padded on the right; width None = the longest text. A text
     without any token (empty, only spaces) becomes one [UNK], so no row is all padding."""
-    ids = np.array([e.ids for e in tokenizer.encode_batch(list(texts))], np.int32).reshape(
-        len(texts), -1
-    )
+    # encode_batch_fast: the same ids without character offsets, which nothing here reads
+    # (checked equal on all of SST-2's train texts); a quarter less time in serving.
+    encodings = tokenizer.encode_batch_fast(list(texts))
+    ids = np.array([e.ids for e in encodings], np.int32).reshape(len(texts), -1)
     width = max(ids.shape[1], 1) if width is None else width
     ids = np.pad(ids, ((0, 0), (0, width - ids.shape[1])), constant_values=PAD_ID)
     ids[ids[:, 0] == PAD_ID, 0] = UNK_ID

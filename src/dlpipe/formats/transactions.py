@@ -22,6 +22,7 @@ from dlpipe.data import (
     check_fraction,
     check_limit,
     checked_manifest,
+    sample_rows,
     save_arrays,
     stratified_split,
     write_atomic,
@@ -66,9 +67,8 @@ def preprocess(data: Mapping, raw_dir: Path, out_dir: Path, seed: int) -> dict:
             f"{list(frame.columns)}"
         )
     rng = np.random.default_rng(seed)
-    limit = data.get("limit")
-    if limit is not None and limit < len(frame):
-        frame = frame.iloc[np.sort(rng.permutation(len(frame))[:limit])]
+    if (rows := sample_rows(len(frame), data.get("limit"), rng)) is not None:
+        frame = frame.iloc[rows]
     y = (frame[target].astype(str) == str(data["positive"])).to_numpy(np.int64)
     if y.sum() == 0 or y.sum() == len(y):
         raise DataError(

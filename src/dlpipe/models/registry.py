@@ -67,12 +67,14 @@ def generative_models() -> list[str]:
 @dataclass(frozen=True)
 class InputSpec:
     """What a network is fed: `kind` (one of INPUT_KINDS), the per-sample `shape`, and for
-    tokens the vocabulary size and padding id."""
+    tokens the vocabulary size, padding id and, where the data format gives them (text tables),
+    the token strings by id (`vocab`, e.g. for character n-grams of words)."""
 
     kind: str
     shape: tuple[int, ...]
     vocab_size: int | None = None
     pad_id: int = 0
+    vocab: tuple[str, ...] | None = None
 
 
 def create_model(
@@ -85,6 +87,7 @@ def create_model(
     input_kind: str = "image",
     vocab_size: int | None = None,
     pad_id: int = 0,
+    vocab: Sequence[str] | None = None,
     per_step: bool = False,
     **kwargs,
 ) -> nn.Module:
@@ -102,7 +105,11 @@ def create_model(
         raise ValueError(f"input_kind={input_kind!r} is not one of {INPUT_KINDS}")
     if input_kind == "tokens" and not vocab_size:
         raise ValueError("input_kind='tokens' needs the vocabulary size (vocab_size)")
-    spec = InputSpec(input_kind, tuple(input_shape), vocab_size, pad_id)
+    if vocab is not None and len(vocab) != vocab_size:
+        raise ValueError(f"vocab holds {len(vocab)} tokens, vocab_size says {vocab_size}")
+    spec = InputSpec(
+        input_kind, tuple(input_shape), vocab_size, pad_id, None if vocab is None else tuple(vocab)
+    )
     predictors = sorted(set(_BUILDERS) - _GENERATIVE)
     if name in _GENERATIVE:
         if num_classes is not None or per_step:

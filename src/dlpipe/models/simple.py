@@ -5,6 +5,7 @@ Fréchet distance is measured in (`FeatureNet`)."""
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Sequence
 
 import torch
@@ -82,13 +83,20 @@ def cnn(
 @register("fasttext")
 class FastText(nn.Module):
     """A fastText-style text classifier (Joulin et al. 2017, "Bag of Tricks for Efficient Text
-    Classification"): token ids (B, L) -> the mean embedding of the text's words and of its
-    hashed word n-grams (2..`word_ngrams`, `buckets` shared rows; nn.EmbeddingBag) -> one
-    hidden layer -> (B, num_classes) logits. Order-free but for the n-grams, so it trains in
-    seconds on a CPU and does well on small data. Padding (`pad_id`) is left out of the mean,
-    so it never changes a prediction. Tokens are whole words (the text format's tokenizer),
-    so the n-grams are word n-grams; fastText's character n-grams of unknown words would need
-    the raw strings, which a word-level [UNK] has lost."""
+    Classification"; Bojanowski et al. 2017, "Enriching Word Vectors with Subword Information"):
+    token ids (B, L) -> the mean embedding of the text's words, of its hashed word n-grams
+    (2..`word_ngrams`) and of the hashed character n-grams (`char_ngram_min`..`char_ngram_max`
+    characters of "<word>") of each word (nn.EmbeddingBag; word and character n-grams share
+    `buckets` rows) -> one hidden layer -> (B, num_classes) logits.
+
+    Order-free but for the word n-grams, so it trains in seconds on a CPU and does well on small
+    data; the character n-grams let related words ("bored", "boring") share what they learn.
+    They are hashed once per vocabulary word (`spec.vocab`, the token strings the text format
+    stores), so a word the training split never saw is [UNK] and has none. Padding (`pad_id`)
+    is left out of the mean, so it never changes a prediction.
+
+    Raises ValueError for non-token inputs, per-step prediction, or character n-grams without
+    the vocabulary's strings (data formats other than text_table)."""
 
     PRIME = 1_000_003  # n-gram hash: ((a * PRIME + b) mod buckets * PRIME + c) mod buckets
 
@@ -101,6 +109,8 @@ class FastText(nn.Module):
         embed_dim: int,
         hidden_size: int,
         word_ngrams: int,
+        char_ngram_min: int,
+        char_ngram_max: int,
         buckets: int,
         dropout: float,
     ):
@@ -108,8 +118,30 @@ class FastText(nn.Module):
         _check(spec, per_step, "fasttext", kinds=("tokens",))
         self.vocab_size, self.pad_id = spec.vocab_size, spec.pad_id
         self.word_ngrams, self.buckets = word_ngrams, buckets
-        rows = spec.vocab_size + (buckets if word_ngrams > 1 else 0)
+        chars = char_ngram_max > 0
+        if chars and not spec.vocab:
+            raise ValueError(
+                "model=fasttext with character n-grams needs the vocabulary's words (the "
+                "text_table format stores them): set model.char_ngram_max=0 for these tokens"
+            )
+        if chars and not 1 <= char_ngram_min <= char_ngram_max:
+            raise ValueError(
+                f"model.char_ngram_min={char_ngram_min} must be in 1..char_ngram_max"
+                f"={char_ngram_max}"
+            )
+        # (vocab_size, K) row ids of each word's character n-grams, padded with pad_id; derived
+        # from the vocabulary (rebuilt from it, never saved in a checkpoint).
+        subwords = char_ngram_ids(
+            spec.vocab if chars else (), char_ngram_min, char_ngram_max, buckets
+        )
+        subwords = torch.where(subwords >= 0, spec.vocab_size + subwords, spec.pad_id)
+        self.register_buffer("subwords", subwords, persistent=False)
+        rows = spec.vocab_size + (buckets if chars or word_ngrams > 1 else 0)
         self.embed = nn.EmbeddingBag(rows, embed_dim, mode="mean", padding_idx=spec.pad_id)
+        # fastText's initialization, U(-1/dim, 1/dim), not N(0, 1): a word n-gram or character
+        # n-gram bucket no training text filled stays near zero, instead of adding noise to
+        # the mean of every test text that hashes into it.
+        nn.init.uniform_(self.embed.weight, -1 / embed_dim, 1 / embed_dim)
         self.head = nn.Sequential(
             nn.Linear(embed_dim, hidden_size),
             nn.ReLU(),
@@ -118,8 +150,8 @@ class FastText(nn.Module):
         )
 
     def ngram_ids(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, L) token ids -> (B, L + (L-1) + ... ) ids of the words and their n-grams; an
-        n-gram touching padding is padding."""
+        """(B, L) token ids -> (B, L + (L-1) + ... + L*K) ids of the words, their word n-grams
+        and their character n-grams; an n-gram touching padding is padding."""
         x = x.long()
         real = x != self.pad_id
         bags, code = [x], x
@@ -129,10 +161,34 @@ class FastText(nn.Module):
             ok = real[:, : x.shape[1] - n + 1] & real[:, n - 1 :]
             ids = self.vocab_size + torch.remainder(code, self.buckets)
             bags.append(torch.where(ok, ids, torch.full_like(ids, self.pad_id)))
+        if self.subwords.shape[1]:
+            bags.append(self.subwords[x].flatten(1))  # (B, L * K); padding's row is all padding
         return torch.cat(bags, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(self.ngram_ids(x)))
+
+
+def char_ngram_ids(words: Sequence[str], low: int, high: int, buckets: int) -> torch.Tensor:
+    """(len(words), K) int64: bucket ids 0..buckets-1 of the character `low`..`high`-grams of
+    "<" + word + ">" (fastText's boundary marks), hashed with CRC-32 (the same in every
+    process, unlike Python's salted hash()), right-padded with -1; K is the most any word
+    has. Special tokens ("[PAD]", "[UNK]", ...) get none. Empty `words` give (0, 0)."""
+    grams = [
+        []
+        if word.startswith("[") and word.endswith("]")
+        else [
+            zlib.crc32(marked[i : i + n].encode()) % buckets
+            for n in range(low, high + 1)
+            for i in range(len(marked) - n + 1)
+        ]
+        for word in words
+        for marked in ["<" + word + ">"]
+    ]
+    table = torch.full((len(words), max(map(len, grams), default=0)), -1, dtype=torch.long)
+    for row, ids in enumerate(grams):
+        table[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return table
 
 
 def _check(spec: InputSpec, per_step: bool, name: str, kinds: Sequence[str]) -> None:

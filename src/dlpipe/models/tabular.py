@@ -1,5 +1,6 @@
 """Networks for table rows (float features (B, F)): the FT-Transformer (ft_transformer), a
-Transformer over one token per feature, and an MLP autoencoder (mlp_autoencoder) whose
+Transformer over one token per feature, an MLP on periodic embeddings of the features
+(plr_mlp), and an MLP autoencoder (mlp_autoencoder) whose
 reconstruction error scores how unusual a row is (task=fraud's unsupervised detector).
 `detector_score` is the one fraud score of either kind of network."""
 
@@ -10,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from dlpipe.models.layers import activation_layer
+from dlpipe.models.layers import activation_layer, pre_norm_encoder
 from dlpipe.models.registry import InputSpec, register
 
 
@@ -35,17 +36,7 @@ class FTTransformer(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_features, d_model).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.empty(num_features, d_model).uniform_(-bound, bound))
         self.cls = nn.Parameter(torch.empty(1, 1, d_model).uniform_(-bound, bound))
-        layer = nn.TransformerEncoderLayer(
-            d_model,
-            nhead,
-            dim_feedforward,
-            dropout,
-            activation="gelu",
-            batch_first=True,
-            norm_first=True,
-        )
-        # enable_nested_tensor only speeds up padded batches, and warns with norm_first.
-        self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+        self.encoder = pre_norm_encoder(d_model, nhead, dim_feedforward, dropout, num_layers)
         self.head = nn.Sequential(nn.LayerNorm(d_model), nn.ReLU(), nn.Linear(d_model, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,11 +63,61 @@ def ft_transformer(
             "model=ft_transformer reads one row of features per sample (tables): for token "
             "sequences use model=transformer, for language modeling model=gpt"
         )
-    if d_model % nhead:
-        raise ValueError(f"model.d_model={d_model} must be divisible by model.nhead={nhead}")
     return FTTransformer(
         math.prod(spec.shape), num_classes, d_model, nhead, num_layers, dim_feedforward, dropout
     )
+
+
+class PeriodicEmbedding(nn.Module):
+    """The PLR embedding of numeric features (Gorishniy et al., "On Embeddings for Numerical
+    Features in Tabular Deep Learning", NeurIPS 2022): feature x_j (B, F) -> v = [sin(2 pi c_j
+    x_j), cos(2 pi c_j x_j)] with `frequencies` learned c_j ~ N(0, sigma^2) per feature ->
+    per-feature linear (2 * frequencies -> `dim`) -> ReLU -> (B, F * dim). Lets an MLP cut a
+    feature at many thresholds, as a tree does, where a raw scalar gives it one slope."""
+
+    def __init__(self, num_features: int, frequencies: int, sigma: float, dim: int):
+        super().__init__()
+        self.frequencies = nn.Parameter(torch.randn(num_features, frequencies) * sigma)
+        bound = 1 / math.sqrt(2 * frequencies)
+        self.weight = nn.Parameter(
+            torch.empty(num_features, 2 * frequencies, dim).uniform_(-bound, bound)
+        )
+        self.bias = nn.Parameter(torch.empty(num_features, dim).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        angle = 2 * math.pi * x.flatten(1).float().unsqueeze(-1) * self.frequencies  # (B, F, k)
+        periodic = torch.cat([torch.sin(angle), torch.cos(angle)], dim=-1)  # (B, F, 2k)
+        out = torch.einsum("bfk,fkd->bfd", periodic, self.weight) + self.bias
+        return torch.relu(out).flatten(1)  # (B, F * dim)
+
+
+@register("plr_mlp")
+def plr_mlp(
+    *,
+    spec: InputSpec,
+    num_classes: int,
+    per_step: bool,
+    frequencies: int,
+    sigma: float,
+    embed_dim: int,
+    width: int,
+    depth: int,
+    dropout: float,
+) -> nn.Module:
+    """An MLP (`depth` linear -> ReLU -> dropout layers of `width`) on the PeriodicEmbedding of
+    every feature of a table row (B, F) -> (B, num_classes). Raises ValueError for tokens."""
+    if spec.kind == "tokens" or per_step:
+        raise ValueError(
+            "model=plr_mlp reads one row of numeric features per sample (tables): for token "
+            "sequences use model=fasttext, lstm or transformer"
+        )
+    num_features = math.prod(spec.shape)
+    layers: list[nn.Module] = [PeriodicEmbedding(num_features, frequencies, sigma, embed_dim)]
+    features = num_features * embed_dim
+    for _ in range(depth):
+        layers += [nn.Linear(features, width), nn.ReLU(), nn.Dropout(dropout)]
+        features = width
+    return nn.Sequential(*layers, nn.Linear(features, num_classes))
 
 
 class MLPAutoencoder(nn.Module):

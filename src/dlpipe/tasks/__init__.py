@@ -3,7 +3,9 @@
 The stages are task-agnostic: `train.fit` asks the task for its LightningModule and
 LightningDataModule, `evaluate` for its test metrics and report files, `register` for its MLflow
 pyfunc. A task is a module `dlpipe.tasks.<name>` exposing `TASK`, an object with the methods of
-`Task`; `conf/task/<name>.yaml` holds its settings (`cfg.task`). A task whose training is
+`Task`; `conf/task/<name>.yaml` holds its settings (`cfg.task`). Its LightningModule lives in
+`dlpipe.modules.<name>`, imported inside `module()`, so that evaluate and register load no
+Lightning (the classifier so far; the other tasks still define it here). A task whose training is
 steered by other keys than `optim.lr` also defines `divergence_hint(cfg)` (see `divergence_hint`).
 A task whose shipped network is a plain tensor function defines
 `export_targets(cfg, checkpoint, meta) -> list[ExportTarget]`, which `register` exports (ONNX or
@@ -103,7 +105,8 @@ def divergence_hint(task: Task, cfg: DictConfig) -> str:
 
 def net_args(meta: dict[str, Any], **extra: Any) -> dict[str, Any]:
     """The data-derived arguments of `create_model` (input kind and shape, classes, training
-    statistics, vocabulary) from a processed dataset's meta.json."""
+    statistics, vocabulary size and, where the format stores them, the token strings) from a
+    processed dataset's meta.json."""
     args = {
         "input_shape": list(meta["input_shape"]),
         "num_classes": meta.get("num_classes", 1),
@@ -113,4 +116,6 @@ def net_args(meta: dict[str, Any], **extra: Any) -> dict[str, Any]:
     }
     if "vocab_size" in meta:
         args |= {"vocab_size": meta["vocab_size"], "pad_id": meta.get("pad_id", 0)}
+    if "vocab" in meta:
+        args["vocab"] = meta["vocab"]
     return args | extra

@@ -6,16 +6,14 @@ from __future__ import annotations
 import csv
 import logging
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.functional.classification import (
     multiclass_accuracy,
     multiclass_auroc,
@@ -27,61 +25,16 @@ from torchmetrics.functional.classification import (
 
 from dlpipe.baselines import chance_probs, classification_baseline, renamed
 from dlpipe.data import load_split, write_json
-from dlpipe.datamodule import make_datamodule
-from dlpipe.models import create_model, load_checkpoint, predict
-from dlpipe.optim import configure_optimizers
+from dlpipe.models import load_checkpoint, predict
 from dlpipe.plots import saved_figure
 from dlpipe.serving import log_adapted_model
 from dlpipe.serving.classifier import ClassifierModel
 from dlpipe.tasks import ExportTarget, net_args
 
+if TYPE_CHECKING:  # type hints only
+    import lightning as L
+
 log = logging.getLogger(__name__)
-
-
-class Classifier(L.LightningModule):
-    """Trains `create_model(**model, **net)`; `self.net` alone is evaluated and shipped."""
-
-    def __init__(
-        self,
-        model: Mapping[str, Any],
-        net: Mapping[str, Any],
-        optim: Mapping[str, Any],
-        label_smoothing: float,
-        compile: bool = False,
-    ):
-        super().__init__()
-        # Recorded in the checkpoint so it rebuilds on its own; MLflow gets the full config instead.
-        self.save_hyperparameters(logger=False)
-        self.net = create_model(**model, **net)
-        # Kept out of the module tree so the state_dict keys stay those of `net`.
-        self.__dict__["_forward"] = torch.compile(self.net) if compile else self.net
-        num_classes = net["num_classes"]
-        # validate_args=False: the default check calls torch.unique, a device sync every step.
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._forward(x)
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
-        x, y = batch
-        logits = self(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
-        self.train_acc.update(logits, y)  # computed once per epoch, when logged
-        # Epoch aggregates only: values stay on the device, no host sync inside the loop.
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
-        return loss
-
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
-        x, y = batch
-        logits = self(x)
-        self.val_acc.update(logits, y)
-        self.log("val/loss", F.cross_entropy(logits, y), prog_bar=True, sync_dist=True)
-        self.log("val/acc", self.val_acc, prog_bar=True)
-
-    def configure_optimizers(self):
-        return configure_optimizers(self, self.hparams.optim)
 
 
 def classification_report(
@@ -180,10 +133,16 @@ def baseline_report(
 
 
 class ClassifierTask:
+    # The Lightning side is imported where training asks for it, so that evaluate and register,
+    # which use only the methods below these two, load no Lightning (dlpipe.modules).
     def datamodule(self, cfg: DictConfig, meta: dict[str, Any]) -> L.LightningDataModule:
+        from dlpipe.datamodule import make_datamodule
+
         return make_datamodule(cfg, meta)
 
     def module(self, cfg: DictConfig, meta: dict[str, Any]) -> L.LightningModule:
+        from dlpipe.modules.classifier import Classifier
+
         if "classes" not in meta:
             raise ValueError(
                 f"data={meta['name']} has no classes (its target is a number): use task=regressor"

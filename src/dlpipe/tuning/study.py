@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 ORIGIN = "experiment"  # user attr `origin` of trial 0: the experiment's own settings
 NOT_IDENTITY = (
     "n_trials", "timeout_s", "storage", "workers", "devices", "devices_per_trial", "constraints",
+    "cost",
 )  # fmt: skip
 
 
@@ -42,12 +43,55 @@ def study_name(cfg: DictConfig) -> str:
     any change to those starts a new one. The budget, storage and pool are not its identity."""
     if cfg.tune.study_name:
         return cfg.tune.study_name
-    tune = OmegaConf.to_container(cfg.tune, resolve=True)
-    identity = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in
-                ("data", "model", "optim", "train", "search")}  # fmt: skip
-    identity |= {"tune": {k: v for k, v in tune.items() if k not in NOT_IDENTITY}, "seed": cfg.seed}
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
+    digest = hashlib.sha256(json.dumps(identity(cfg), sort_keys=True).encode()).hexdigest()[:10]
     return f"{cfg.data.name}-{cfg.model.name}-{digest}"
+
+
+def identity(cfg: DictConfig) -> dict[str, Any]:
+    """What makes a study (resolved, plain): data, model, optimizer, training, search space,
+    the tune keys not in NOT_IDENTITY, and the seed. Kept as the study's user attr `identity`."""
+    tune = OmegaConf.to_container(cfg.tune, resolve=True)
+    found = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in
+             ("data", "model", "optim", "train", "search")}  # fmt: skip
+    return found | {"tune": {k: v for k, v in tune.items() if k not in NOT_IDENTITY},
+                    "seed": cfg.seed}  # fmt: skip
+
+
+def differs_from_siblings(storage: optuna.storages.BaseStorage, cfg: DictConfig) -> str | None:
+    """For a study about to be created: which studies of the same data and model the storage
+    already holds, and in which keys their config differs from this one. Workers started by
+    hand share a study only if their configs agree; one that differs in a key silently starts
+    a study of its own, and this says which key. None when there is no such sibling."""
+    name = study_name(cfg)
+    prefix = f"{cfg.data.name}-{cfg.model.name}-"
+    own = _flat(identity(cfg))
+    found = []
+    for other in optuna.get_all_study_names(storage):
+        if other == name or not other.startswith(prefix):
+            continue
+        theirs = optuna.load_study(study_name=other, storage=storage).user_attrs.get("identity")
+        if theirs is None:
+            continue
+        theirs = _flat(theirs)
+        keys = sorted(k for k in own.keys() | theirs.keys() if own.get(k) != theirs.get(k))
+        shown = ", ".join(f"{k}={theirs.get(k)!r} there, {own.get(k)!r} here" for k in keys[:4])
+        more = f" and {len(keys) - 4} more" if len(keys) > 4 else ""
+        found.append(f"{other} ({shown}{more})")
+    if not found:
+        return None
+    return (
+        f"a new study {name}: the storage already holds {'; '.join(found)}. To add trials to one "
+        "of those instead, give the same config or tune.study_name=<its name>"
+    )
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat |= _flat(value, f"{prefix}{key}.")
+    return flat
 
 
 def storage_url(cfg: DictConfig) -> str:
