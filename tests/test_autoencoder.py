@@ -19,13 +19,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dlpipe.data import load_meta, load_split
 from dlpipe.models import load_checkpoint
+from dlpipe.models.generative import kl_to_standard_normal, reconstruct
 from dlpipe.smoke import sized
-from dlpipe.tasks.autoencoder import (
-    TASK,
-    cluster_scores,
-    kl_to_standard_normal,
-    reconstruct,
-)
+from dlpipe.tasks.autoencoder import TASK, cluster_scores
 
 MODELS = ("autoencoder", "vae")
 

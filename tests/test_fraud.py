@@ -15,13 +15,8 @@ import torch.nn.functional as F
 from dlpipe.data import load_array, load_meta, load_split
 from dlpipe.formats.transactions import stratified_splits
 from dlpipe.models import create_model, load_checkpoint
-from dlpipe.tasks.fraud import (
-    BalancedBatchIndices,
-    FraudDataModule,
-    decision_rule,
-    focal_loss,
-    scores_of,
-)
+from dlpipe.modules.fraud import BalancedBatchIndices, FraudDataModule, focal_loss
+from dlpipe.tasks.fraud import decision_rule, scores_of
 from dlpipe.tasks.fraud_metrics import (
     calibrated,
     calibration_bins,

@@ -18,7 +18,7 @@ from dlpipe import fid
 from dlpipe.data import load_split
 from dlpipe.datamodule import TensorDataModule
 from dlpipe.models.generative import generate, to_uint8
-from dlpipe.tasks.gan import GAN, to_unit_range
+from dlpipe.modules.gan import GAN, to_unit_range
 
 # The unit tests' networks, built without Hydra; the feature net learns (lr, batch size).
 TINY_NET = {"channels": [4, 8], "features": 16, "epochs": 1, "batch_size": 128, "lr": 3e-3}

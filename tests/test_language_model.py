@@ -16,9 +16,10 @@ from omegaconf import OmegaConf
 
 from dlpipe.data import load_array, load_meta
 from dlpipe.models import create_model, load_checkpoint
+from dlpipe.modules.language_model import TokenStreamDataModule, spread_offsets
 from dlpipe.preprocess import preprocess
 from dlpipe.serving.language_model import complete, encode_prompt, generate
-from dlpipe.tasks.language_model import TokenStreamDataModule, spread_offsets, stream_loss
+from dlpipe.tasks.language_model import stream_loss
 
 # The unit tests' networks, built without Hydra: two layers, so causality is checked through a
 # stack (smoke size has one).

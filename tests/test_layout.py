@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dlpipe.tasks import TASKS
+
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 PACKAGE = SRC / "dlpipe"
@@ -126,8 +128,8 @@ def test_dvc_deps_are_what_the_stage_imports(stage):
 
 # What each stage's process must not load (issue 13): every import costs seconds in every fresh
 # stage interpreter. collect and preprocess (with every format module they may dispatch to) need
-# no Lightning, MLflow or Optuna; evaluate and register load Lightning only through the task
-# module that get_task picks at run time (tasks/<name>.py holds the LightningModule).
+# no Lightning, MLflow or Optuna; evaluate and register neither Lightning nor Optuna (with the
+# task module that get_task picks at run time: the test after this one).
 NOT_LOADED = {
     "collect": ("lightning", "mlflow", "optuna"),
     "preprocess": ("lightning", "mlflow", "optuna"),
@@ -155,12 +157,9 @@ print(json.dumps([p for p in {NOT_LOADED[stage]!r} if p in sys.modules]))
     assert not loaded, f"pipelines/{stage}.py loads {loaded}, which it does not use"
 
 
-# Tasks whose Lightning side lives in dlpipe.modules (issue 13): evaluate and register of these
-# load no Lightning at all, the task module `get_task` picks at run time included.
-SPLIT = ("classifier",)
-
-
-@pytest.mark.parametrize("task", SPLIT)
+# Every task keeps its Lightning side in dlpipe.modules (issue 13): evaluate and register load
+# no Lightning at all, the task module `get_task` picks at run time included.
+@pytest.mark.parametrize("task", TASKS)
 @pytest.mark.parametrize("stage", ["evaluate", "register"])
 def test_evaluate_and_register_of_a_split_task_load_no_lightning(stage, task):
     code = f"""

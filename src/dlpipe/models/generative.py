@@ -1,5 +1,6 @@
 """Networks that model the images themselves: the DCGAN generator (model=dcgan) and its
-discriminator, and the convolutional autoencoder / VAE (model=autoencoder, model=vae).
+discriminator, and the convolutional autoencoder / VAE (model=autoencoder, model=vae) with its
+losses (reconstruction BCE, KL term), which training and evaluation share.
 
 Only torch here: a served generator or autoencoder rebuilds where Lightning is not installed.
 """
@@ -10,7 +11,9 @@ import math
 from collections.abc import Sequence
 from itertools import pairwise
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dlpipe.models.layers import activation_layer, norm_layer
@@ -212,6 +215,23 @@ class ConvAutoencoder(nn.Module):
         """Logits (B, C, H, W) -> uint8 images in the data's layout (B, H, W[, C])."""
         pixels = (logits.float().sigmoid() * 255.0).round().to(torch.uint8)
         return pixels[:, 0] if len(self.input_shape) == 2 else pixels.permute(0, 2, 3, 1)
+
+
+def reconstruction_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """-log p(x|z) of [0, 1] pixels under per-pixel Bernoullis, summed per image, batch mean."""
+    return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / len(logits)
+
+
+def kl_to_standard_normal(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, I)) per image (closed form), batch mean."""
+    return 0.5 * (mean.pow(2) + logvar.exp() - logvar - 1).sum(dim=1).mean()
+
+
+@torch.inference_mode()
+def reconstruct(net: ConvAutoencoder, x: np.ndarray) -> np.ndarray:
+    """uint8 images -> their uint8 reconstructions from the code (the VAE's posterior mean)."""
+    inputs = torch.from_numpy(x).to(next(net.parameters()).device)
+    return net.to_images(net.decode(net.encode(inputs)[0])).cpu().numpy()
 
 
 @register("autoencoder", generative=True)

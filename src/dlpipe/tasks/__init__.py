@@ -3,10 +3,11 @@
 The stages are task-agnostic: `train.fit` asks the task for its LightningModule and
 LightningDataModule, `evaluate` for its test metrics and report files, `register` for its MLflow
 pyfunc. A task is a module `dlpipe.tasks.<name>` exposing `TASK`, an object with the methods of
-`Task`; `conf/task/<name>.yaml` holds its settings (`cfg.task`). Its LightningModule lives in
-`dlpipe.modules.<name>`, imported inside `module()`, so that evaluate and register load no
-Lightning (the classifier so far; the other tasks still define it here). A task whose training is
-steered by other keys than `optim.lr` also defines `divergence_hint(cfg)` (see `divergence_hint`).
+`Task`; `conf/task/<name>.yaml` holds its settings (`cfg.task`). Its LightningModule (and its
+own LightningDataModule, where it has one) lives in `dlpipe.modules.<name>`, imported inside
+`module()` and `datamodule()`, so that evaluate and register load no Lightning
+(tests/test_layout.py checks it for every task). A task whose training is steered by other keys
+than `optim.lr` also defines `divergence_hint(cfg)` (see `divergence_hint`).
 A task whose shipped network is a plain tensor function defines
 `export_targets(cfg, checkpoint, meta) -> list[ExportTarget]`, which `register` exports (ONNX or
 `torch.export`) and checks against the eager network (`dlpipe.export`).

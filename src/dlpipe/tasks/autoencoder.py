@@ -8,108 +8,33 @@ k-means on the raw pixels (`baseline/nmi`, `baseline/ari`)."""
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.loggers import MLFlowLogger
 from mlflow.models import ModelSignature
 from mlflow.types import ParamSchema, ParamSpec
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from dlpipe.data import load_split
-from dlpipe.datamodule import make_datamodule
-from dlpipe.models import create_model, load_checkpoint
-from dlpipe.models.generative import ConvAutoencoder
-from dlpipe.optim import configure_optimizers
+from dlpipe.models import load_checkpoint
+from dlpipe.models.generative import (
+    ConvAutoencoder,
+    kl_to_standard_normal,
+    reconstruct,
+    reconstruction_bce,
+)
 from dlpipe.plots import image_grid, saved_figure
 from dlpipe.serving import log_pyfunc
 from dlpipe.serving.autoencoder import AutoencoderModel
 from dlpipe.tasks import ExportTarget
 
-
-def reconstruction_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """-log p(x|z) of [0, 1] pixels under per-pixel Bernoullis, summed per image, batch mean."""
-    return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / len(logits)
-
-
-def kl_to_standard_normal(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(mean, exp(logvar)) || N(0, I)) per image (closed form), batch mean."""
-    return 0.5 * (mean.pow(2) + logvar.exp() - logvar - 1).sum(dim=1).mean()
-
-
-class Autoencoder(L.LightningModule):
-    """Trains `create_model(**model, **net)` on images only (a batch's labels are never read);
-    `self.net` alone is evaluated and shipped."""
-
-    def __init__(
-        self,
-        model: Mapping[str, Any],
-        net: Mapping[str, Any],
-        optim: Mapping[str, Any],
-        recon_images: int,
-    ):
-        super().__init__()
-        # Recorded in the checkpoint so it rebuilds on its own; MLflow gets the full config instead.
-        self.save_hyperparameters(logger=False)
-        self.net = create_model(**model, **net)
-        self.beta = model.get("beta")  # weight of the KL term; vae only
-        self.shown: torch.Tensor | None = None  # validation images of the per-epoch grid
-
-    def losses(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits, mean, logvar = self.net(x)
-        recon = reconstruction_bce(logits, self.net.pixels(x))
-        if logvar is None:
-            return {"loss": recon, "recon": recon}
-        kl = kl_to_standard_normal(mean, logvar)
-        return {"loss": recon + self.beta * kl, "recon": recon, "kl": kl}
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
-        x, _ = batch  # unsupervised: the labels stay unread
-        loss = self.losses(x)["loss"]
-        # Epoch aggregates only: values stay on the device, no host sync inside the loop.
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
-        return loss
-
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
-        x, _ = batch
-        if batch_idx == 0:
-            self.shown = x[: self.hparams.recon_images]
-        for name, value in self.losses(x).items():
-            self.log(f"val/{name}", value, prog_bar=name == "loss", sync_dist=True)
-
-    def on_validation_epoch_end(self) -> None:
-        """Logs originals over reconstructions of the first validation images (rank zero, once
-        per epoch: one small decode and one PNG)."""
-        if (
-            self.trainer.sanity_checking
-            or not self.trainer.is_global_zero
-            or not isinstance(self.logger, MLFlowLogger)
-            or self.shown is None
-            or len(self.shown) == 0
-        ):
-            return
-        originals = self.shown.cpu().numpy()
-        rows = np.concatenate([originals, reconstruct(self.net, originals)])
-        grid = image_grid(rows, cols=len(originals), fill=255)  # originals over reconstructions
-        self.logger.experiment.log_image(
-            self.logger.run_id, grid, f"reconstructions/epoch_{self.current_epoch:03d}.png"
-        )
-
-    def configure_optimizers(self):
-        return configure_optimizers(self, self.hparams.optim)
-
-
-@torch.inference_mode()
-def reconstruct(net: ConvAutoencoder, x: np.ndarray) -> np.ndarray:
-    """uint8 images -> their uint8 reconstructions from the code (the VAE's posterior mean)."""
-    inputs = torch.from_numpy(x).to(next(net.parameters()).device)
-    return net.to_images(net.decode(net.encode(inputs)[0])).cpu().numpy()
+if TYPE_CHECKING:  # type hints only: evaluate and register load no Lightning
+    import lightning as L
 
 
 @torch.inference_mode()
@@ -190,10 +115,16 @@ def per_class_examples(labels: np.ndarray, num_classes: int, per_class: int) -> 
 
 
 class AutoencoderTask:
+    # The Lightning side is imported where training asks for it (module(), datamodule()), so
+    # evaluate and register load no Lightning (dlpipe.modules).
     def datamodule(self, cfg: DictConfig, meta: dict[str, Any]) -> L.LightningDataModule:
+        from dlpipe.datamodule import make_datamodule
+
         return make_datamodule(cfg, meta)
 
     def module(self, cfg: DictConfig, meta: dict[str, Any]) -> L.LightningModule:
+        from dlpipe.modules.autoencoder import Autoencoder
+
         kind = meta["input_kind"]
         if kind != "image":
             raise ValueError(

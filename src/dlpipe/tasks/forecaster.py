@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning as L
 import numpy as np
 from omegaconf import DictConfig
 
 from dlpipe.data import load_array, load_split, write_json
-from dlpipe.datamodule import make_datamodule
 from dlpipe.formats.stocks import FEATURES
 from dlpipe.plots import saved_figure
 from dlpipe.serving.forecaster import ForecasterModel
@@ -28,6 +26,9 @@ from dlpipe.tasks.regressor import (
     regression_module,
     write_comparison,
 )
+
+if TYPE_CHECKING:  # type hints only: evaluate and register load no Lightning
+    import lightning as L
 
 RETURN = FEATURES.index("log_return")
 
@@ -82,6 +83,8 @@ def plot_forecast(frame: dict[str, np.ndarray], path: Path, max_tickers: int = 4
 
 class ForecasterTask:
     def datamodule(self, cfg: DictConfig, meta: dict[str, Any]) -> L.LightningDataModule:
+        from dlpipe.datamodule import make_datamodule
+
         return make_datamodule(cfg, meta)
 
     def module(self, cfg: DictConfig, meta: dict[str, Any]) -> L.LightningModule:

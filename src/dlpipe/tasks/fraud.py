@@ -9,24 +9,19 @@ from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning as L
 import numpy as np
 import sklearn
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from torchmetrics.classification import BinaryAveragePrecision
 
 from dlpipe.data import load_split, write_json
-from dlpipe.datamodule import BatchIndices, TensorDataModule
 from dlpipe.formats import format_module
-from dlpipe.models import create_model, generative_models, load_checkpoint
+from dlpipe.models import generative_models, load_checkpoint
 from dlpipe.models.tabular import detector_score
-from dlpipe.optim import configure_optimizers
 from dlpipe.serving import log_pyfunc
 from dlpipe.serving.fraud import FraudModel
 from dlpipe.tasks import net_args
@@ -42,114 +37,13 @@ from dlpipe.tasks.fraud_metrics import (
     ranking_metrics,
 )
 
+if TYPE_CHECKING:  # type hints only: evaluate and register load no Lightning
+    import lightning as L
+
 log = logging.getLogger(__name__)
 
 LOSSES = ("bce", "weighted", "focal")
 SAMPLINGS = ("shuffle", "balanced")
-
-
-def focal_loss(logits: torch.Tensor, y: torch.Tensor, gamma: float, alpha: float) -> torch.Tensor:
-    """Lin et al., "Focal Loss for Dense Object Detection" (ICCV 2017), eq. 5: the mean over
-    the batch of -alpha_t (1 - p_t)^gamma log(p_t), p_t the probability of the true class,
-    alpha_t = alpha for positives and 1 - alpha for negatives (as torchvision's
-    sigmoid_focal_loss)."""
-    ce = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
-    p_t = torch.exp(-ce)
-    alpha_t = alpha * y + (1 - alpha) * (1 - y)
-    return (alpha_t * (1 - p_t) ** gamma * ce).mean()
-
-
-class FraudDetector(L.LightningModule):
-    """Trains `create_model(**model, **net)`: a predictor with one logit (loss `loss`), or an
-    autoencoder (model=mlp_autoencoder) on reconstruction MSE. Validation logs val/ap of the
-    fraud score (`detector_score`). `self.net` alone is evaluated and shipped."""
-
-    def __init__(
-        self,
-        model: Mapping[str, Any],
-        net: Mapping[str, Any],
-        optim: Mapping[str, Any],
-        loss: str,
-        pos_weight: float,
-        focal_gamma: float,
-        focal_alpha: float,
-        compile: bool = False,
-    ):
-        super().__init__()
-        self.save_hyperparameters(logger=False)
-        self.net = create_model(**model, **net)
-        self.reconstructs = model["name"] in generative_models()
-        self.__dict__["_forward"] = torch.compile(self.net) if compile else self.net
-        self.val_ap = BinaryAveragePrecision()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._forward(x)
-
-    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.reconstructs:
-            return F.mse_loss(self(x), x.flatten(1))
-        logits, y = self(x).float().squeeze(-1), y.float()
-        h = self.hparams
-        if h.loss == "focal":
-            return focal_loss(logits, y, h.focal_gamma, h.focal_alpha)
-        weight = torch.tensor(h.pos_weight if h.loss == "weighted" else 1.0, device=self.device)
-        return F.binary_cross_entropy_with_logits(logits, y, pos_weight=weight)
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
-        loss = self.loss(*batch)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
-        return loss
-
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
-        x, y = batch
-        self.log("val/loss", self.loss(x, y), sync_dist=True)
-        # AP only depends on the scores' order; the sigmoid in float64 keeps logits up to ~36
-        # apart (float32 would tie every logit above ~17 at 1.0).
-        self.val_ap.update(detector_score(self.net, x).double().sigmoid(), y)
-        self.log("val/ap", self.val_ap, prog_bar=True)
-
-    def configure_optimizers(self):
-        return configure_optimizers(self, self.hparams.optim)
-
-
-class BalancedBatchIndices(BatchIndices):
-    """Each epoch, `size` indices drawn with replacement so that both classes are drawn
-    equally often (weights 1 / class count, as torch's WeightedRandomSampler), on the device,
-    cut into batches: about half of every batch is fraud."""
-
-    def __init__(self, y: torch.Tensor, batch_size: int, seed: int):
-        super().__init__(len(y), batch_size, y.device, seed)
-        counts = torch.bincount(y, minlength=2).double()
-        self.weights = (1.0 / counts)[y]
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        order = torch.multinomial(self.weights, self.size, True, generator=self.generator)
-        yield from order.split(self.batch_size)
-
-
-class FraudDataModule(TensorDataModule):
-    """The processed splits, training rows shuffled or class-balanced (`sampling`); with
-    `legit_only` (the autoencoder) the training split keeps its legitimate rows only."""
-
-    def __init__(self, processed_dir, batch_size: int, seed: int, sampling: str, legit_only: bool):
-        super().__init__(processed_dir, batch_size, seed)
-        self.sampling, self.legit_only = sampling, legit_only
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.splits:
-            return
-        super().setup(stage)
-        if self.legit_only:
-            x, y = self.splits["train"].tensors
-            keep = y == 0
-            self.splits["train"] = torch.utils.data.TensorDataset(x[keep], y[keep])
-
-    def train_dataloader(self):
-        if self.sampling != "balanced":
-            return super().train_dataloader()
-        dataset = self.splits["train"]
-        order = BalancedBatchIndices(dataset.tensors[1], self.batch_size, self.seed)
-        return torch.utils.data.DataLoader(dataset, sampler=order, batch_size=None)
 
 
 def check_task(task: Mapping[str, Any], model: str) -> None:
@@ -193,13 +87,19 @@ def decision_rule(processed: Path, net: torch.nn.Module, cost: Mapping[str, floa
 
 
 class FraudTask:
+    # The Lightning side is imported where training asks for it (module(), datamodule()), so
+    # evaluate and register load no Lightning (dlpipe.modules).
     def datamodule(self, cfg: DictConfig, meta: dict[str, Any]) -> L.LightningDataModule:
+        from dlpipe.modules.fraud import FraudDataModule
+
         reconstructs = cfg.model.name in generative_models()
         return FraudDataModule(
             cfg.paths.processed, cfg.train.batch_size, cfg.seed, cfg.task.sampling, reconstructs
         )
 
     def module(self, cfg: DictConfig, meta: dict[str, Any]) -> L.LightningModule:
+        from dlpipe.modules.fraud import FraudDetector
+
         task = OmegaConf.to_container(cfg.task, resolve=True)
         check_task(task, cfg.model.name)
         if meta.get("format") != "transactions":

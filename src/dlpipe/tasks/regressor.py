@@ -9,73 +9,31 @@ from __future__ import annotations
 import csv
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning as L
 import numpy as np
 import sklearn
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from torchmetrics import MeanAbsoluteError, MeanSquaredError
 
 from dlpipe.baselines import regression_baseline
 from dlpipe.data import load_split, write_json
-from dlpipe.datamodule import make_datamodule
 from dlpipe.formats import format_module
-from dlpipe.models import create_model, load_checkpoint, predict
-from dlpipe.optim import configure_optimizers
+from dlpipe.models import load_checkpoint, predict
 from dlpipe.plots import saved_figure
 from dlpipe.serving import log_adapted_model
 from dlpipe.serving.regressor import RegressorModel
 from dlpipe.tasks import ExportTarget, net_args
 
-
-class Regressor(L.LightningModule):
-    """Trains `create_model(**model, **net)` (one output) to predict the target standardized
-    with the training split's `target` mean/std; the processed `y` stays in original units,
-    so validation RMSE/MAE read in those units. `self.net` alone is evaluated and shipped."""
-
-    def __init__(
-        self,
-        model: Mapping[str, Any],
-        net: Mapping[str, Any],
-        optim: Mapping[str, Any],
-        target: Mapping[str, Any],
-        compile: bool = False,
-    ):
-        super().__init__()
-        self.save_hyperparameters(logger=False)
-        self.net = create_model(**model, **net)
-        self.__dict__["_forward"] = torch.compile(self.net) if compile else self.net
-        self.mean, self.std = float(target["mean"]), float(target["std"])
-        self.val_rmse = MeanSquaredError(squared=False)
-        self.val_mae = MeanAbsoluteError()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._forward(x).float().squeeze(-1)  # (B,) standardized predictions
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
-        x, y = batch
-        loss = F.mse_loss(self(x), (y - self.mean) / self.std)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
-        return loss
-
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
-        x, y = batch
-        out = self(x)
-        self.log("val/loss", F.mse_loss(out, (y - self.mean) / self.std), sync_dist=True)
-        pred = out * self.std + self.mean
-        self.val_rmse.update(pred, y)
-        self.val_mae.update(pred, y)
-        self.log("val/rmse", self.val_rmse, prog_bar=True)
-        self.log("val/mae", self.val_mae)
-
-    def configure_optimizers(self):
-        return configure_optimizers(self, self.hparams.optim)
+if TYPE_CHECKING:  # type hints only: evaluate and register load no Lightning
+    import lightning as L
 
 
-def regression_module(cfg: DictConfig, meta: dict[str, Any]) -> Regressor:
+def regression_module(cfg: DictConfig, meta: dict[str, Any]) -> L.LightningModule:
+    """The Regressor (dlpipe.modules.regressor, imported here: by training only) of `cfg` for
+    the dataset of `meta`; ValueError where that dataset has classes or no numeric target."""
+    from dlpipe.modules.regressor import Regressor
+
     if "target" not in meta or "classes" in meta:
         raise ValueError(
             f"data={meta['name']} is not a regression dataset (it has classes "
@@ -138,7 +96,11 @@ def plot_predicted_vs_actual(pred: np.ndarray, actual: np.ndarray, label: str, p
 
 
 class RegressorTask:
+    # The Lightning side is imported where training asks for it (module(), datamodule()), so
+    # evaluate and register load no Lightning (dlpipe.modules).
     def datamodule(self, cfg: DictConfig, meta: dict[str, Any]) -> L.LightningDataModule:
+        from dlpipe.datamodule import make_datamodule
+
         return make_datamodule(cfg, meta)
 
     def module(self, cfg: DictConfig, meta: dict[str, Any]) -> L.LightningModule:

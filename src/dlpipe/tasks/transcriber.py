@@ -5,149 +5,35 @@ blank + labels per frame, trained with `torch.nn.CTCLoss`; greedy decoding per v
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning as L
-import torch
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
-from torch.utils.data import DataLoader, Dataset
-from torchmetrics import MeanMetric
-from torchmetrics.text import WordErrorRate
 
-from dlpipe.datamodule import LengthBuckets
-from dlpipe.formats.digit_strings import PAD, load_utterances
-from dlpipe.models import create_model, load_checkpoint
-from dlpipe.models.acoustic import frame_logits
-from dlpipe.optim import configure_optimizers
+from dlpipe.models import load_checkpoint
 from dlpipe.serving import log_adapted_model
-from dlpipe.serving.transcriber import BLANK, TranscriberModel, greedy_decode
+from dlpipe.serving.transcriber import TranscriberModel
 from dlpipe.tasks import net_args
-from dlpipe.tasks.transcriber_report import (
-    as_words,
-    references,
-    report_test_split,
-    segment_baseline,
-)
+from dlpipe.tasks.transcriber_report import report_test_split, segment_baseline
 
-
-class UtteranceBatches(Dataset):
-    """Utterances stored back to back, frames (sum of lengths, F) with `lengths` (N,): item
-    (indices, width) -> (x (B, width, F) zero-padded, lengths (B,), labels (B, max_digits)),
-    gathered in one indexing op on the frames' device."""
-
-    def __init__(self, frames: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor):
-        self.frames, self.lengths, self.labels = frames, lengths, labels
-        self.starts = torch.cumsum(lengths, 0) - lengths
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __getitem__(self, item: tuple[torch.Tensor, int]):
-        indices, width = item
-        lengths = self.lengths[indices]
-        steps = torch.arange(width, device=lengths.device)
-        real = steps[None, :] < lengths[:, None]  # (B, width)
-        rows = (self.starts[indices, None] + steps).clamp(max=len(self.frames) - 1)
-        x = self.frames[rows] * real[..., None]
-        return x, lengths, self.labels[indices]
-
-
-class UtteranceDataModule(L.LightningDataModule):
-    """The processed train/val utterances, resident on the device, in length-bucketed batches
-    (`LengthBuckets`: little compute spent on padding)."""
-
-    def __init__(self, processed_dir: str | Path, batch_size: int, seed: int, pool_batches: int):
-        super().__init__()
-        self.processed_dir = Path(processed_dir)
-        self.batch_size, self.seed, self.pool_batches = batch_size, seed, pool_batches
-        self.splits: dict[str, UtteranceBatches] = {}
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.splits:
-            return
-        device = (
-            self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
-        )
-        for split in ("train", "val"):
-            arrays = load_utterances(self.processed_dir, split)
-            self.splits[split] = UtteranceBatches(*(torch.from_numpy(a).to(device) for a in arrays))
-
-    def _loader(self, split: str, seed: int | None) -> DataLoader:
-        batches = self.splits[split]
-        order = LengthBuckets(batches.lengths, self.batch_size, seed, self.pool_batches)
-        return DataLoader(batches, sampler=order, batch_size=None)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.seed)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", None)
-
-
-class Transcriber(L.LightningModule):
-    """Trains `create_model(**model, **net)` with CTC; `self.net` alone is evaluated and shipped.
-    Validation decodes greedily: `val/wer` (digit error rate) and `val/seq_acc` (whole strings
-    right)."""
-
-    def __init__(
-        self,
-        model: Mapping[str, Any],
-        net: Mapping[str, Any],
-        optim: Mapping[str, Any],
-        compile: bool = False,
-    ):
-        super().__init__()
-        # Recorded in the checkpoint so it rebuilds on its own; MLflow gets the full config instead.
-        self.save_hyperparameters(logger=False)
-        self.net = create_model(**model, **net)
-        self.__dict__["_forward"] = torch.compile(self.net) if compile else self.net
-        # zero_infinity: an utterance too short for its labels (never in our data) adds no inf.
-        self.ctc = nn.CTCLoss(blank=BLANK, zero_infinity=True)
-        self.val_wer = WordErrorRate()
-        self.val_seq_acc = MeanMetric()
-
-    def loss(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(CTC loss averaged over utterances, each divided by its label count; log-probs
-        (B, T', C); output lengths (B,))."""
-        x, lengths, labels = batch
-        logits, out_lengths = frame_logits(self._forward, x, lengths)
-        log_probs = logits.float().log_softmax(-1)
-        targets = torch.where(labels == PAD, 1, labels + 1)  # outputs: label k is k + 1
-        label_lengths = (labels != PAD).sum(1)
-        loss = self.ctc(log_probs.transpose(0, 1), targets, out_lengths, label_lengths)
-        return loss, log_probs, out_lengths
-
-    def training_step(self, batch, batch_idx: int):
-        loss, _, _ = self.loss(batch)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
-        return loss
-
-    def validation_step(self, batch, batch_idx: int):
-        loss, log_probs, out_lengths = self.loss(batch)
-        hyps = [digits for digits, _ in greedy_decode(log_probs, out_lengths)]
-        refs = references(batch[2])
-        self.val_wer.update([as_words(h) for h in hyps], [as_words(r) for r in refs])
-        right = torch.tensor([h == r for h, r in zip(hyps, refs, strict=True)], dtype=torch.float)
-        self.val_seq_acc.update(right.to(loss.device))
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(refs))
-        self.log("val/wer", self.val_wer, prog_bar=True)
-        self.log("val/seq_acc", self.val_seq_acc, prog_bar=True)
-
-    def configure_optimizers(self):
-        return configure_optimizers(self, self.hparams.optim)
+if TYPE_CHECKING:  # type hints only: evaluate and register load no Lightning
+    import lightning as L
 
 
 class TranscriberTask:
+    # The Lightning side is imported where training asks for it (module(), datamodule()), so
+    # evaluate and register load no Lightning (dlpipe.modules).
     def datamodule(self, cfg: DictConfig, meta: dict[str, Any]) -> L.LightningDataModule:
+        from dlpipe.modules.transcriber import UtteranceDataModule
+
         return UtteranceDataModule(
             cfg.paths.processed, cfg.train.batch_size, cfg.seed, cfg.task.bucket_pool
         )
 
     def module(self, cfg: DictConfig, meta: dict[str, Any]) -> L.LightningModule:
+        from dlpipe.modules.transcriber import Transcriber
+
         if meta.get("format") != "fsdd_digits":
             raise ValueError(
                 f"task=transcriber needs utterances with digit strings (data=fsdd_digits), "
