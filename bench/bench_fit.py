@@ -227,7 +227,7 @@ def timed_mlflow_logger(stats: dict):
 
     def build(*args, **kwargs):
         logger = _timed(real, stats, "MLFlowLogger() (opens store)")(*args, **kwargs)
-        for name in ("log_hyperparams", "log_metrics", "finalize"):
+        for name in ("log_hyperparams", "log_metrics", "flush", "finalize"):
             setattr(logger, name, _timed(getattr(logger, name), stats, name))
         return logger
 

@@ -314,6 +314,27 @@ class SmokeRun(NamedTuple):
     model: Path
 
 
+# Stand-ins for the user's own file, by data config, for an experiment on data.path=???.
+OWN_DATA = {"text_csv": synthetic.write_text_csv, "table_csv": synthetic.write_table_csv}
+
+
+def _own_data(experiment: str, root: Path) -> list[str]:
+    """`data.path=<a synthetic file of that kind>` when the experiment runs on the user's own
+    data (its data.path is required), else nothing."""
+    node = OmegaConf.load(CONF / "experiment" / f"{experiment}.yaml")
+    data = next(
+        (
+            d["override /data"]
+            for d in node.get("defaults", [])
+            if isinstance(d, DictConfig) and "override /data" in d
+        ),
+        None,
+    )
+    if data not in OWN_DATA:
+        return []
+    return [f"data.path={OWN_DATA[data](root / f'{data}.csv', n=600)}"]
+
+
 @pytest.fixture(scope="session")
 def smoke_run(
     mirror: Path, cfg_factory: Callable[..., DictConfig], tmp_path_factory: pytest.TempPathFactory
@@ -328,7 +349,13 @@ def smoke_run(
         if experiment not in runs:
             root = tmp_path_factory.mktemp(experiment)
             processed = root / "data" / "processed"
-            cfg = cfg_factory(root, f"experiment={experiment}", "smoke=true", processed=processed)
+            cfg = cfg_factory(
+                root,
+                f"experiment={experiment}",
+                "smoke=true",
+                *_own_data(experiment, root),
+                processed=processed,
+            )
             data = json.dumps(OmegaConf.to_container(cfg.data, resolve=True), sort_keys=True)
             cfg.paths.raw = raw_dirs.setdefault(data, cfg.paths.raw)
             if cfg.task.name == "gan":  # its feature-net cache, out of the repo's models/

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from dlpipe.register import baseline_required
 from dlpipe.smoke import sized
@@ -24,6 +24,10 @@ def _required(group: str, option: str) -> list[str]:
     """A value for each mandatory (???) key of the option, e.g. the `path` of the user's data.
     The config itself says these can't compose without one."""
     node = OmegaConf.load(CONF / group / f"{option}.yaml")
+    if group == "experiment":  # an experiment on the user's own data: its data's keys
+        picks = [d for d in node.get("defaults", []) if isinstance(d, DictConfig)]
+        data = next((d["override /data"] for d in picks if "override /data" in d), None)
+        return _required("data", data) if data else []
     return [f"{group}.{k}=mine" for k in node if OmegaConf.is_missing(node, k)]
 
 

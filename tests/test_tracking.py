@@ -83,3 +83,26 @@ def test_system_metrics_of_a_fit_shorter_than_one_interval_are_logged(tmp_path):
     monitor.finish()  # at once: MLflow's own monitor logs nothing here
     history = client.get_metric_history(run_id, "system/cpu_utilization_percentage")
     assert [m.step for m in history] == [0]
+
+
+def test_metrics_go_in_one_request_per_epoch_and_all_arrive(make_cfg, monkeypatch):
+    """ServerLogger queues what Lightning logs (validation, epoch aggregates, learning rate,
+    throughput) and sends it once per epoch, plus once when the run closes."""
+    from mlflow import MlflowClient
+
+    requests = []
+    real = MlflowClient.log_batch
+
+    def counted(self, run_id, metrics=(), *args, **kwargs):
+        if metrics:
+            requests.append(len(metrics))
+        return real(self, run_id, metrics, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", counted)
+    cfg = make_cfg("model=mlp", "trainer.max_epochs=3", "mlflow.system_metrics_s=null")
+    info = train(cfg)
+    assert len(requests) <= 3 + 1, requests  # Lightning alone makes 3 calls per epoch
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    for key in ("train/loss", "val/loss", "val/acc", "perf/samples_per_s"):
+        steps = [m.step for m in client.get_metric_history(info["run_id"], key)]
+        assert len(steps) == 3 and len(set(steps)) == 3, (key, steps)

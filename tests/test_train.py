@@ -5,6 +5,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -156,3 +157,25 @@ def test_tuned_params_with_an_unknown_key_fail(make_cfg):
     (Path(cfg.paths.tune) / "best_params.yaml").write_text("model.widht: 12\n")
     with pytest.raises(ConfigError, match="model.widht"):
         train(cfg)
+
+
+def test_ema_weights_are_what_is_validated_checkpointed_and_shipped(make_cfg):
+    """train.ema_decay: validation, early stopping and best.ckpt see the moving average of the
+    weights (Lightning's EMAWeightAveraging); the raw weights ride along for a resume."""
+    cfg = make_cfg(*LEARNS, "trainer.max_epochs=2", "train.ema_decay=0.9")
+    info = train(cfg)
+    best = Path(cfg.paths.train) / info["best_checkpoint"]
+    saved = torch.load(best, map_location="cpu", weights_only=False)
+    average, raw = saved["state_dict"], saved["current_model_state"]
+    assert average.keys() == raw.keys()
+    assert any(not torch.equal(average[k], raw[k]) for k in average)
+    # The module evaluate and register load is the average, and it scores the recorded val/acc.
+    module = Classifier.load_from_checkpoint(best, map_location="cpu").eval()
+    processed = Path(cfg.paths.processed)
+    x = torch.from_numpy(np.load(processed / "val_x.npy"))
+    y = torch.from_numpy(np.load(processed / "val_y.npy")).long()
+    with torch.no_grad():
+        accuracy = (module.net(x).argmax(1) == y).float().mean().item()
+    assert accuracy == pytest.approx(info["best_score"], abs=1e-6)
+    for k in average:
+        assert torch.equal(module.state_dict()[k], average[k])

@@ -37,6 +37,7 @@ class Train(_Section):
     batch_size: PositiveInt
     early_stopping_patience: NonNegativeInt | None  # 0 or null: off
     divergence_factor: Annotated[float, Field(gt=1)] | None
+    ema_decay: Annotated[float, Field(gt=0, lt=1)] | None  # null: off
     compile: bool
     use_tuned: bool
     resume: bool

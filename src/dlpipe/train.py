@@ -17,6 +17,7 @@ import yaml
 from lightning.pytorch.callbacks import (
     Callback,
     EarlyStopping,
+    EMAWeightAveraging,
     LearningRateMonitor,
     ModelCheckpoint,
     TQDMProgressBar,
@@ -169,6 +170,10 @@ def fit(
     if trainer_kwargs.get("enable_progress_bar", True):
         # Refreshing every step costs a host sync per step; a few updates per second is plenty.
         all_callbacks.append(TQDMProgressBar(refresh_rate=cfg.train.progress_refresh_steps))
+    if cfg.train.ema_decay:
+        # Validation, early stopping and every checkpoint's state_dict see the averaged weights
+        # (the raw ones ride along for a resume), so evaluate and register ship the average.
+        all_callbacks.append(EMAWeightAveraging(decay=cfg.train.ema_decay))
     if cfg.train.early_stopping_patience:
         all_callbacks.append(
             EarlyStopping(monitor, mode=mode, patience=cfg.train.early_stopping_patience)
