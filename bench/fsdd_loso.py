@@ -1,4 +1,5 @@
-"""Spoken digits (FSDD): leave-one-speaker-out accuracy, and the official-split pipeline run.
+"""Spoken digits (FSDD): leave-one-speaker-out accuracy (classifier) or word error rate
+(transcriber, experiment fsdd_ctc), and the official-split pipeline run.
 
 LOSO: for each of the six speakers, preprocess with `data.test_speaker=<speaker>` (that speaker's
 500 recordings are the test set, the other five speakers' 2500 train/val), then the pipeline's own
@@ -9,9 +10,11 @@ LOSO: for each of the six speakers, preprocess with `data.test_speaker=<speaker>
     python bench/fsdd_loso.py --experiment fsdd_cnn --official      # all six stages, timed
     python bench/fsdd_loso.py --experiment fsdd_cnn trainer.max_epochs=10   # plus Hydra overrides
     python bench/fsdd_loso.py --smoke --official                    # does it run? (smoke=true)
+    python bench/fsdd_loso.py --experiment fsdd_ctc --jobs 2 --out /tmp/loso   # 2 folds at once
+    python bench/fsdd_loso.py --experiment fsdd_ctc --speakers george          # one fold
 
-Everything (data, MLflow store, checkpoints) goes under bench/.data/fsdd/<experiment> (with
---smoke: <experiment>-smoke); results are printed as markdown and written to
+Everything (data, MLflow store, checkpoints) goes under --out (default bench/.data/fsdd/
+<experiment>, with --smoke: <experiment>-smoke); results are printed as markdown and written to
 <that folder>/{loso,official}.{md,json}.
 """
 
@@ -19,9 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
+import shlex
 import shutil
+import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import mlflow
@@ -43,10 +50,27 @@ DATA = ROOT / "bench" / ".data" / "fsdd"  # git-ignored; never touches the pipel
 DEFAULT_MIRROR = ROOT.parent / "shared" / "datasets"
 
 
-def compose_cfg(root: Path, overrides: list[str]) -> DictConfig:
+# The LOSO table's columns per task: (heading, where the value comes from, format). "test/..." is
+# the evaluate stage's metric, "best" train's best monitored score (val/acc, val/wer).
+COLUMNS = {
+    "classifier": [
+        ("test acc", "test/acc", ".4f"),
+        ("test F1 (macro)", "test/f1_macro", ".4f"),
+        ("best val acc", "best", ".4f"),
+    ],
+    "transcriber": [
+        ("test WER", "test/wer", ".2%"),
+        ("test string acc", "test/seq_acc", ".2%"),
+        ("WER greedy", "test/wer_greedy", ".2%"),
+        ("best val WER", "best", ".2%"),
+    ],
+}
+
+
+def compose_cfg(root: Path, overrides: list[str], raw: Path = DATA / "raw") -> DictConfig:
     """conf/ with `overrides`, every output under `root` (raw data shared by all runs)."""
     paths = {
-        "raw": DATA / "raw",
+        "raw": raw,
         "processed": root / "processed",
         "tune": root / "tune",
         "study_db": root / "optuna.db",
@@ -72,9 +96,9 @@ def timed(step, *args) -> tuple[object, float]:
     return result, time.perf_counter() - t0
 
 
-def official(out: Path, overrides: list[str]) -> dict:
+def official(out: Path, overrides: list[str], raw: Path) -> dict:
     """The six stages on the official split, as `dvc exp run` runs them; seconds per stage."""
-    cfg = compose_cfg(out, overrides)
+    cfg = compose_cfg(out, overrides, raw)
     data = to_dict(cfg.data)
     stages = {
         "collect": lambda: collect(data, Path(cfg.paths.raw)),
@@ -88,8 +112,8 @@ def official(out: Path, overrides: list[str]) -> dict:
     for name, step in stages.items():
         results[name], seconds[name] = timed(step)
     return {
-        "test": results["evaluate"],
-        "best_val_acc": results["train"]["best_score"],
+        "task": cfg.task.name,
+        "test": {**results["evaluate"], "best": results["train"]["best_score"]},
         "epochs": results["train"]["epochs"],
         "tuned": (Path(cfg.paths.tune) / "best_params.yaml").read_text()
         if (Path(cfg.paths.tune) / "best_params.yaml").exists()
@@ -98,58 +122,82 @@ def official(out: Path, overrides: list[str]) -> dict:
     }
 
 
-def loso(out: Path, overrides: list[str]) -> dict:
-    """Train on five speakers and test on the sixth, for each speaker; untuned (the
-    experiment's own settings), so every fold trains the same model."""
-    probe = compose_cfg(out, overrides)
+def fold(out: Path, overrides: list[str], raw: Path, name: str) -> dict:
+    """One LOSO fold, `name` held out: preprocess, train, evaluate; the table's values."""
+    cfg = compose_cfg(
+        out / name, [*overrides, f"data.test_speaker={name}", "train.use_tuned=false"], raw
+    )
+    data = to_dict(cfg.data)
+    _, prep_s = timed(preprocess, data, cfg.paths.raw, cfg.paths.processed, cfg.seed)
+    info, train_s = timed(train, cfg)
+    metrics, eval_s = timed(evaluate, cfg)
+    result = {
+        **{key: metrics[key] for _, key, _ in COLUMNS[cfg.task.name] if key != "best"},
+        "best": info["best_score"],
+        "epochs": info["epochs"],
+        "test_size": load_meta(cfg.paths.processed)["sizes"]["test"],
+        "preprocess_s": prep_s,
+        "train_s": train_s,
+        "evaluate_s": eval_s,
+    }
+    print(f"{name}: {result}", flush=True)
+    return result
+
+
+def loso(out: Path, overrides: list[str], raw: Path, speakers: list[str] | None, jobs: int) -> dict:
+    """Train on five speakers and test on the sixth, for each speaker (or those named);
+    untuned (the experiment's own settings), so every fold trains the same model. `jobs`
+    folds run at once, each in its own process."""
+    probe = compose_cfg(out, overrides, raw)
     collect(to_dict(probe.data), Path(probe.paths.raw))
-    _, _, speakers, _ = parse_names(Path(probe.paths.raw) / RECORDINGS)
-    folds = {}
-    for name in sorted(set(speakers.tolist())):
-        cfg = compose_cfg(
-            out / name, [*overrides, f"data.test_speaker={name}", "train.use_tuned=false"]
-        )
-        data = to_dict(cfg.data)
-        _, prep_s = timed(preprocess, data, cfg.paths.raw, cfg.paths.processed, cfg.seed)
-        info, train_s = timed(train, cfg)
-        metrics = evaluate(cfg)
-        folds[name] = {
-            "test_acc": metrics["test/acc"],
-            "test_f1_macro": metrics["test/f1_macro"],
-            "best_val_acc": info["best_score"],
-            "epochs": info["epochs"],
-            "test_size": load_meta(cfg.paths.processed)["sizes"]["test"],
-            "preprocess_s": prep_s,
-            "train_s": train_s,
-        }
-        print(f"{name}: {folds[name]}", flush=True)
-    accs = [f["test_acc"] for f in folds.values()]
-    return {"folds": folds, "mean_test_acc": sum(accs) / len(accs)}
+    _, _, found, _ = parse_names(Path(probe.paths.raw) / RECORDINGS)
+    known = sorted(set(found.tolist()))
+    unknown = sorted(set(speakers or []) - set(known))
+    if unknown:
+        raise SystemExit(f"--speakers {unknown} are not FSDD speakers: choose from {known}")
+    names = [name for name in known if not speakers or name in speakers]
+    # spawn: a fresh interpreter per fold (no forked torch or MLflow state)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = {name: pool.submit(fold, out, overrides, raw, name) for name in names}
+        folds = {name: future.result() for name, future in futures.items()}
+    key = COLUMNS[probe.task.name][0][1]  # the headline metric: test/acc or test/wer
+    return {
+        "task": probe.task.name,
+        "folds": folds,
+        "metric": key,
+        "mean": sum(f[key] for f in folds.values()) / len(folds),
+    }
 
 
-def markdown(kind: str, experiment: str, result: dict, overrides: list[str]) -> str:
-    command = " ".join(["python bench/fsdd_loso.py", f"--experiment {experiment}", *overrides])
+def markdown(kind: str, experiment: str, result: dict, command: str) -> str:
+    columns = COLUMNS[result["task"]]
+    headings = " | ".join(h for h, _, _ in columns)
     if kind == "official":
         test = result["test"]
         stages = ", ".join(f"{k} {v:.0f} s" for k, v in result["seconds"].items())
         return (
-            f"`{command} --official`\n\n"
-            f"| experiment | test acc | test F1 (macro) | best val acc | epochs | total |\n"
-            f"|---|---|---|---|---|---|\n"
-            f"| {experiment} | {test['test/acc']:.4f} | {test['test/f1_macro']:.4f} | "
-            f"{result['best_val_acc']:.4f} | {result['epochs']} | "
-            f"{sum(result['seconds'].values()):.0f} s |\n\nStages: {stages}\n"
+            f"`{command}`\n\n"
+            f"| experiment | {headings} | epochs | total |\n"
+            f"|{'---|' * (len(columns) + 3)}\n"
+            f"| {experiment} | "
+            + "".join(f"{test[key]:{fmt}} | " for _, key, fmt in columns)
+            + f"{result['epochs']} | {sum(result['seconds'].values()):.0f} s |\n\n"
+            f"Stages: {stages}\n"
         )
     rows = "".join(
-        f"| {name} | {f['test_acc']:.4f} | {f['test_f1_macro']:.4f} | {f['best_val_acc']:.4f} | "
-        f"{f['epochs']} | {f['train_s']:.0f} s |\n"
+        f"| {name} | "
+        + "".join(f"{f[key]:{fmt}} | " for _, key, fmt in columns)
+        + f"{f['epochs']} | {f['train_s']:.0f} s |\n"
         for name, f in result["folds"].items()
     )
+    headline = format(result["mean"], columns[0][2])
     return (
         f"`{command}`\n\n"
-        "| held-out speaker | test acc | test F1 (macro) | best val acc | epochs | train |\n"
-        "|---|---|---|---|---|---|\n"
-        f"{rows}| **mean** | **{result['mean_test_acc']:.4f}** | | | | |\n"
+        f"| held-out speaker | {headings} | epochs | train |\n"
+        f"|{'---|' * (len(columns) + 3)}\n"
+        f"{rows}| **mean of {len(result['folds'])}** | **{headline}** |"
+        f"{' |' * (len(columns) + 1)}\n"
     )
 
 
@@ -158,19 +206,27 @@ def main() -> None:
     parser.add_argument("--experiment", default="fsdd_cnn", help="conf/experiment/<name>.yaml")
     parser.add_argument("--official", action="store_true", help="the six stages, official split")
     parser.add_argument("--smoke", action="store_true", help="at smoke size (smoke=true)")
+    parser.add_argument("--out", type=Path, help="output folder (default bench/.data/fsdd/...)")
+    parser.add_argument("--speakers", nargs="+", help="LOSO: only these folds (default all six)")
+    parser.add_argument("--jobs", type=int, default=1, help="LOSO: folds run at once")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. trainer.max_epochs=10")
     args = parser.parse_args()
     os.environ.setdefault(MIRROR_ENV, str(DEFAULT_MIRROR))
     if args.smoke:
         args.overrides.insert(0, "smoke=true")
-    out = DATA / f"{args.experiment}{'-smoke' if args.smoke else ''}"
+    out = args.out or DATA / f"{args.experiment}{'-smoke' if args.smoke else ''}"
+    raw = out / "raw" if args.out else DATA / "raw"
     kind = "official" if args.official else "loso"
     shutil.rmtree(out / kind, ignore_errors=True)
     overrides = [f"experiment={args.experiment}", *args.overrides]
     before = mlflow.get_tracking_uri()
-    result = (official if args.official else loso)(out / kind, overrides)
+    if args.official:
+        result = official(out / kind, overrides, raw)
+    else:
+        result = loso(out / kind, overrides, raw, args.speakers, args.jobs)
     mlflow.set_tracking_uri(before)
-    text = markdown(kind, args.experiment, result, args.overrides)
+    command = shlex.join(["python", "bench/fsdd_loso.py", *sys.argv[1:]])
+    text = markdown(kind, args.experiment, result, command)
     print(text)
     (out / f"{kind}.md").write_text(text)
     (out / f"{kind}.json").write_text(json.dumps(result, indent=2))

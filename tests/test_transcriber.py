@@ -1,7 +1,8 @@
 """Connected-digit transcription (data=fsdd_digits, task=transcriber) on real FSDD recordings:
 utterances built from disjoint recordings, deterministically; the acoustic models' padding
 invariance; CTC decoding against CTCLoss; the error alignment; and experiment fsdd_ctc through
-all six stages, its registered model transcribing waveforms of any length."""
+all six stages, its registered model transcribing waveforms of any length. Speaker robustness:
+speed perturbation of the train split only, SpecAugment masks on real frames in training only."""
 
 import json
 import re
@@ -18,7 +19,8 @@ from mlflow.exceptions import MlflowException
 from dlpipe.data import load_array, load_meta
 from dlpipe.formats.digit_strings import PAD, Adapter, serving_files, utterance_features
 from dlpipe.models import create_model
-from dlpipe.models.acoustic import frame_logits
+from dlpipe.models.acoustic import frame_logits, frame_mask
+from dlpipe.modules.transcriber import Transcriber, spec_augment
 from dlpipe.preprocess import preprocess
 from dlpipe.serving.transcriber import beam_decode, collapse, greedy_decode
 from dlpipe.tasks.transcriber_report import align, error_counts
@@ -84,6 +86,7 @@ def test_construction_is_deterministic_and_checked(small, data_config, tmp_path)
         ({"max_digits": 0}, "1 <= min_digits <= max_digits"),
         ({"gap_s": [0.3, 0.1]}, r"data.gap_s=\[0.3, 0.1\] must be seconds \[low, high\]"),
         ({"test_speaker": "bob"}, r"test_speaker='bob' is not a speaker.*'theo'"),
+        ({"speed_factors": [0.0]}, r"data.speed_factors=\[0.0\] must be a list of speed"),
     ]:
         with pytest.raises(ValueError, match=message):
             preprocess({**data, **bad}, raw, tmp_path / "bad", seed=0)
@@ -98,6 +101,95 @@ def test_leave_one_speaker_out(dataset):
     for split in ("train", "val"):
         assert theo not in load_array(processed, f"{split}_speaker")
         assert {i for recs in _recordings(processed, split) for _, _, i in recs} & set(range(5))
+
+
+def test_speed_perturbation_changes_train_lengths_only(small, data_config, tmp_path):
+    data = data_config("fsdd_digits", **SMALL)
+    assert data["speed_factors"] == [0.9, 1.0, 1.1]  # `small` is built with them
+    plain = tmp_path / "plain"
+    preprocess({**data, "speed_factors": None}, small.parent / "raw", plain, seed=0)
+    # Validation and test (and the served example) are byte-identical to an unperturbed build,
+    # and so are the training strings: only the training waveforms change.
+    for name in (
+        *(f"{split}_{a}" for split in ("val", "test") for a in ("x", "frames", "y", "file")),
+        "example_wave",
+        "train_y",
+        "train_file",
+        "train_speaker",
+    ):
+        assert (plain / f"{name}.npy").read_bytes() == (small / f"{name}.npy").read_bytes(), name
+    assert not (plain / "train_speed.npy").exists()
+    speeds = load_array(small, "train_speed").astype(np.float64)
+    assert set(np.round(speeds, 3).tolist()) == {0.9, 1.0, 1.1}
+    before, after = load_array(plain, "train_frames"), load_array(small, "train_frames")
+    # 1 + samples // 80 frames; played f times as fast, samples / f: the length scales by 1 / f.
+    assert np.abs((after - 1) * speeds - (before - 1)).max() < 1.2
+    assert (after[speeds < 1] > before[speeds < 1]).all()
+    assert (after[speeds > 1] < before[speeds > 1]).all()
+    same = np.isclose(speeds, 1.0)
+    assert (after[same] == before[same]).all()
+    x_before = np.split(load_array(plain, "train_x"), np.cumsum(before)[:-1])
+    x_after = np.split(load_array(small, "train_x"), np.cumsum(after)[:-1])
+    assert all(np.array_equal(x_before[i], x_after[i]) for i in np.flatnonzero(same))
+
+
+def test_spec_augment_masks_real_frames_only():
+    torch.manual_seed(0)
+    lengths = torch.tensor([50, 30, 7, 1])
+    x = torch.randn(4, 50, 12) * frame_mask(lengths, 50)[..., None]
+    fill = torch.arange(12.0) + 100  # values x never takes
+    for _ in range(200):
+        out = spec_augment(x, lengths, fill, freq_masks=2, freq_width=4, time_masks=2, time_width=5)
+        changed = out != x
+        assert (out[changed] == fill.expand_as(x)[changed]).all()  # masked cells hold the fill
+        for i, n in enumerate(lengths.tolist()):
+            assert (out[i, n:] == 0).all()  # padded frames untouched
+            bands = changed[i, :n].all(0)  # (F,) channels masked on every real frame
+            frames = changed[i, :n].all(1)  # (n,) frames masked on every channel
+            # Every masked cell belongs to a masked band or a masked span, no more of either.
+            assert (changed[i, :n] == (bands[None, :] | frames[:, None])).all()
+            assert frames.sum() <= 2 * 5 and (frames.all() or bands.sum() <= 2 * 4)
+    # One mask each: widths are uniform in 0..widest, both ends included.
+    widths = set()
+    for _ in range(200):
+        out = spec_augment(x, lengths, fill, freq_masks=1, freq_width=4, time_masks=1, time_width=5)
+        changed = out[0] != x[0]
+        widths.add((int(changed.all(0).sum()), int(changed.all(1).sum())))
+    assert {f for f, _ in widths} == set(range(5)) and {t for _, t in widths} == set(range(6))
+    off = spec_augment(x, lengths, fill, freq_masks=0, freq_width=4, time_masks=0, time_width=5)
+    assert torch.equal(off, x)
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\(\)`")
+def test_spec_augment_applies_to_training_steps_only():
+    torch.manual_seed(0)
+    augment = {"freq_masks": 2, "freq_width": 6, "time_masks": 2, "time_width": 5}
+    net = {
+        "input_shape": [None, 12],
+        "num_classes": 11,
+        "mean": [-40.0] * 12,
+        "std": [10.0] * 12,
+        "input_kind": "features",
+        "per_step": True,
+    }
+    model = {"name": "crnn", "channels": 4, "conv_layers": 1, "time_stride": 2, "cell": "gru"}
+    model |= {"hidden_size": 8, "num_layers": 1, "dropout": 0.0}
+    module = Transcriber(model, net, {"name": "adamw", "lr": 1e-3}, augment)
+    seen = []
+    module.net[0].register_forward_pre_hook(lambda _, args: seen.append(args[0].clone()))
+    lengths = torch.tensor([40, 25])
+    x = (-40 + 10 * torch.randn(2, 40, 12)) * frame_mask(lengths, 40)[..., None]
+    batch = (x, lengths, torch.tensor([[3, 1, PAD], [7, PAD, PAD]]))
+    module.training_step(batch, 0)
+    with torch.no_grad():  # as Lightning validates
+        module.validation_step(batch, 0)
+    trained, validated = seen
+    assert torch.equal(validated, x)  # validation sees the batch as it is
+    changed = trained != x
+    assert changed.any() and (trained[changed] == -40).all()  # masked to the training mean
+    assert not changed[1, 25:].any()
+    with pytest.raises(ValueError, match="task.spec_augment.time_width=-1 must be an integer"):
+        Transcriber(model, net, {"name": "adamw", "lr": 1e-3}, {**augment, "time_width": -1})
 
 
 @pytest.mark.parametrize(

@@ -4,9 +4,10 @@ concatenated with seeded silences (and optional light noise): a SYNTHETIC concat
 isolated words, not natural continuous speech (no coarticulation between digits).
 
 Recordings are split before utterances are built (official rule: index 0-4 is test; or one
-speaker held out), so no recording is heard in two splits. Features are `audio.log_mel`, the
-speech classifier's function, over each waveform's whole length; a served model's `Adapter`
-computes them from raw waveforms of any length with that same function."""
+speaker held out), so no recording is heard in two splits. Training utterances may be speed
+perturbed (`speed_factors`, Ko et al. 2015); validation and test never are. Features are
+`audio.log_mel`, the speech classifier's function, over each waveform's whole length; a served
+model's `Adapter` computes them from raw waveforms of any length with that same function."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import librosa
 import numpy as np
 import pandas as pd
 import torch
@@ -42,6 +44,8 @@ FEATURES = audio.FEATURES
 PAD = -1  # fills {split}_y beyond an utterance's last digit
 EXAMPLES = 2  # test utterances kept as waveforms: the served model's input example
 SPLIT_STREAMS = {"train": 0, "val": 1, "test": 2}  # one random stream per split
+SPEED_STREAM = 3  # the train split's speed factors: a stream of their own, so the strings,
+# silences and noise are those of an unperturbed build
 INPUT_DOC = audio.INPUT_DOC  # the served model takes what the speech classifier takes
 
 
@@ -95,12 +99,25 @@ def construction(data: Mapping) -> dict[str, Any]:
     snr = data.get("noise_snr_db")
     if snr is not None and (isinstance(snr, bool) or not isinstance(snr, int | float)):
         raise ValueError(f"data.noise_snr_db={snr!r} must be a number of dB or null (no noise)")
+    speeds = data.get("speed_factors")
+    if speeds is not None and (
+        not isinstance(speeds, list | tuple)
+        or not speeds
+        or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and 0.5 <= v <= 2 for v in speeds
+        )
+    ):
+        raise ValueError(
+            f"data.speed_factors={speeds!r} must be a list of speed factors in [0.5, 2], "
+            "e.g. data.speed_factors=[0.9,1.0,1.1], or null (no speed perturbation)"
+        )
     return {
         "utterances": dict(sizes),
         "min_digits": low,
         "max_digits": high,
         **ranges,
         "noise_snr_db": None if snr is None else float(snr),
+        "speed_factors": None if speeds is None else [float(v) for v in speeds],
     }
 
 
@@ -166,6 +183,17 @@ def build_utterances(
     return out
 
 
+def speed_perturb(wave: np.ndarray, factor: float, rate: int) -> np.ndarray:
+    """`wave` (samples,) at `rate` Hz played `factor` times as fast: tempo and pitch both scale
+    by `factor`, the length by 1 / factor (ceil(samples / factor) samples). Speed perturbation
+    (Ko et al. 2015, "Audio augmentation for speech recognition"): the samples, read as if
+    recorded at rate * factor, resampled to `rate` with soxr (librosa's "soxr_hq")."""
+    if factor == 1.0:
+        return wave
+    fast = librosa.resample(wave, orig_sr=rate * factor, target_sr=rate, res_type="soxr_hq")
+    return np.clip(fast, -1.0, 1.0).astype(np.float32)
+
+
 def preprocess(data: Mapping, raw_dir: Path, out_dir: Path, seed: int) -> dict:
     t0 = time.perf_counter()
     manifest = checked_manifest(data, raw_dir)
@@ -184,6 +212,17 @@ def preprocess(data: Mapping, raw_dir: Path, out_dir: Path, seed: int) -> dict:
         utterances = build_utterances(
             waves, digits, speakers, pool, count, settings, options["sample_rate"], rng
         )
+        if split == "train" and settings["speed_factors"] is not None:
+            # One factor per utterance: the whole string sounds like a faster or slower,
+            # higher or lower voice. Validation and test keep the recordings as they are.
+            speeds = np.random.default_rng([seed, SPEED_STREAM]).choice(
+                settings["speed_factors"], count
+            )
+            utterances = [
+                (speed_perturb(wave, float(f), options["sample_rate"]), *rest)
+                for (wave, *rest), f in zip(utterances, speeds, strict=True)
+            ]
+            arrays["train_speed"] = speeds.astype(np.float32)  # (N,) each utterance's factor
         features = [utterance_features(wave, options) for wave, *_ in utterances]
         labels = np.full((count, settings["max_digits"]), PAD, np.int64)
         for row, (_, said, _, _) in enumerate(utterances):

@@ -44,6 +44,7 @@ class TranscriberTask:
             # one output per label plus the CTC blank, at every frame
             net=net_args(meta, num_classes=meta["num_classes"] + 1, per_step=True),
             optim=OmegaConf.to_container(cfg.optim, resolve=True),
+            augment=OmegaConf.to_container(cfg.task.spec_augment, resolve=True),
             compile=cfg.train.compile,
         )
 
