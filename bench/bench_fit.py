@@ -256,6 +256,23 @@ def bench_fit(cfg: DictConfig, device: torch.device) -> dict:
     }
 
 
+def profiled_fit(cfg: DictConfig, report: Path) -> None:
+    """`fit` once more with Lightning's SimpleProfiler (mean and total seconds per hook, step
+    and loop), its report written to `report`."""
+    from lightning.pytorch.profilers import SimpleProfiler
+
+    profiler = SimpleProfiler(dirpath=report.parent, filename=report.stem)
+    trainer_class = dlpipe.train.L.Trainer
+    # fit builds its own Trainer: hand it the profiler on the way in
+    dlpipe.train.L.Trainer = lambda *a, **k: trainer_class(*a, **k, profiler=profiler)
+    try:
+        dlpipe.train.fit(cfg, run_name="bench-profile", tags={"stage": "bench"})
+    finally:
+        dlpipe.train.L.Trainer = trainer_class
+    # SimpleProfiler names its file "fit-<filename>.txt"
+    (report.parent / f"fit-{report.stem}.txt").replace(report)
+
+
 # --- 4. a no-op `dvc repro` ---------------------------------------------------------------------
 
 
@@ -499,6 +516,12 @@ def main() -> None:
     parser.add_argument(
         "--smoke", action="store_true", help="at smoke size (smoke=true): prints, writes nothing"
     )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="after the loops, one more fit under Lightning's SimpleProfiler, its per-hook "
+        "report written to this file (where fit's time beyond the raw loop goes)",
+    )
     args = parser.parse_args()
     if args.epochs < 3:
         parser.error("--epochs must be >= 3: the first is warm-up and std needs two more")
@@ -549,6 +572,8 @@ def main() -> None:
                 off = dlpipe.train.with_overrides(cfg, {"mlflow.system_metrics_s": None})
                 plain.append(bench_fit(off, device))
         load = (load_start, os.getloadavg()[0])
+        if args.profile:
+            profiled_fit(cfg, args.profile)
     finally:
         shutil.rmtree(store, ignore_errors=True)
     dvc = bench_dvc(mirror, args.dvc_reps) if args.dvc_reps > 0 else None

@@ -7,12 +7,14 @@ import csv
 import gzip
 import hashlib
 import json
+import socket
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import ranks  # tests/ranks.py
 import sacrebleu
 import torch
 import torch.nn.functional as F
@@ -198,6 +200,18 @@ def test_a_learned_reversal_is_decoded_greedily_and_by_beam_search(key):
 
 
 # --- the data format ------------------------------------------------------------------------
+
+
+def test_validation_bleu_under_ddp_scores_every_ranks_sentences(tmp_path):
+    """val/bleu is a corpus score: under DDP each rank decodes a share of the validation split,
+    and every rank must score the union (it once scored only its own share)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(ranks.gather_hypotheses, args=(port, str(tmp_path)), nprocs=2)
+    union = {i: [i, i + 1] for i in range(7)}
+    for rank in (0, 1):
+        assert torch.load(tmp_path / f"rank{rank}.pt") == union
 
 
 def test_multi30k_pairs_tokenized_on_train_only(dataset):

@@ -23,7 +23,7 @@ from dlpipe.models import create_model
 from dlpipe.models.translation import translate_ids
 from dlpipe.optim import configure_optimizers
 from dlpipe.serving.translator import SPECIAL_IDS
-from dlpipe.tasks.translator_bleu import bleu
+from dlpipe.tasks.translator_bleu import bleu, gathered
 
 
 class PairBatches(Dataset):
@@ -131,13 +131,17 @@ class Translator(L.LightningModule):
         loss = self.val_loss.compute()
         self.val_loss.reset()
         metrics = {"val/loss": loss, "val/ppl": loss.exp()}
-        if self.hypotheses:
-            # Single-device: under DDP each rank would score only the sentences it decoded.
-            order = sorted(self.hypotheses)
-            hypotheses = decode(self.tokenizer, _pad([self.hypotheses[i] for i in order]))
+        if self.tokenizer is not None and not self.trainer.sanity_checking:
+            # Under DDP every rank decoded its share: BLEU is a corpus score, of all of them.
+            generated = gathered(self.hypotheses)
+            self.hypotheses = {}
+        else:
+            generated = {}
+        if generated:
+            order = sorted(generated)
+            hypotheses = decode(self.tokenizer, _pad([generated[i] for i in order]))
             references = [self.references[i] for i in order]
             metrics["val/bleu"] = bleu(hypotheses, references).score
-            self.hypotheses = {}
             if self.trainer.is_global_zero:
                 self.log_samples(order, hypotheses)
         self.log_dict(metrics, prog_bar=True)

@@ -1,9 +1,10 @@
 """Corpus BLEU of the translator (sacrebleu): the score its training logs as val/bleu
-(dlpipe.modules.translator) and its test report by source length (dlpipe.tasks.translator)."""
+(dlpipe.modules.translator, over every DDP rank's translations: `gathered`) and its test report
+by source length (dlpipe.tasks.translator)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import sacrebleu
@@ -41,3 +42,17 @@ def bleu_by_length(
             }
         )
     return rows
+
+
+def gathered(hypotheses: Mapping[int, list[int]]) -> dict[int, list[int]]:
+    """Every process's {validation index: generated token ids}, merged: the same dict on every
+    rank (`torch.distributed.all_gather_object`); as it is without a process group. Each rank
+    must call it. A DistributedSampler pads the shares with repeated sentences: their index
+    and ids repeat too, so the merge keeps one of each."""
+    import torch.distributed as dist  # on use: scoring BLEU needs no torch
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return dict(hypotheses)
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, dict(hypotheses))
+    return {index: ids for part in parts for index, ids in part.items()}
