@@ -19,7 +19,7 @@ from mlflow.exceptions import MlflowException
 from dlpipe.data import load_array, load_meta
 from dlpipe.formats.digit_strings import PAD, Adapter, serving_files, utterance_features
 from dlpipe.models import create_model
-from dlpipe.models.acoustic import frame_logits, frame_mask
+from dlpipe.models.acoustic import frame_logits, frame_mask, utterance_normalize
 from dlpipe.modules.transcriber import Transcriber, spec_augment
 from dlpipe.preprocess import preprocess
 from dlpipe.serving.transcriber import beam_decode, collapse, greedy_decode
@@ -195,7 +195,18 @@ def test_spec_augment_applies_to_training_steps_only():
     "name, sizes",
     [
         ("crnn", {"cell": "lstm", "hidden_size": 8, "num_layers": 2}),
+        ("crnn", {"cell": "gru", "hidden_size": 8, "num_layers": 1, "utterance_norm": "mean"}),
         ("conv_transformer", {"d_model": 8, "nhead": 2, "num_layers": 1, "dim_feedforward": 16}),
+        (
+            "conv_transformer",
+            {
+                "d_model": 8,
+                "nhead": 2,
+                "num_layers": 1,
+                "dim_feedforward": 16,
+                "utterance_norm": "mean_var",
+            },
+        ),
     ],
 )
 def test_acoustic_models_ignore_padding(name, sizes):
@@ -226,6 +237,23 @@ def test_acoustic_models_ignore_padding(name, sizes):
         create_model(name, per_step=False, **kwargs)
     with pytest.raises(ValueError, match="time_stride=3 must be a power of two"):
         create_model(name, per_step=True, **{**kwargs, "time_stride": 3})
+
+
+def test_utterance_normalization_uses_real_frames_only():
+    x = torch.randn(2, 10, 4) * 3 + 5
+    lengths = torch.tensor([10, 6])
+    for kind in ("mean", "mean_var"):
+        y = utterance_normalize(x, lengths, kind)
+        real = y[1, :6]
+        assert torch.allclose(real.mean(0), torch.zeros(4), atol=1e-5)
+        assert y[1, 6:].abs().max() == 0  # padding stays zero
+        # the same utterance without padding normalizes to the same frames
+        assert torch.allclose(utterance_normalize(x[1:, :6], lengths[1:], kind)[0], real, atol=1e-6)
+    y = utterance_normalize(x, lengths, "mean_var")
+    assert torch.allclose(y[1, :6].std(0, unbiased=False), torch.ones(4), atol=1e-4)
+    assert utterance_normalize(x, lengths, "none") is x
+    with pytest.raises(ValueError, match="model.utterance_norm='cmvn': choose one of"):
+        utterance_normalize(x, lengths, "cmvn")
 
 
 def test_decoders_agree_with_ctc():

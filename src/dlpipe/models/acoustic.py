@@ -61,11 +61,41 @@ class ConvFrontEnd(nn.Module):
         return self.proj(h.permute(0, 2, 1, 3).flatten(2)), lengths  # (B, T', dim)
 
 
-class CTCModel(nn.Module):
-    """Base of the acoustic models: checks that it is used per frame, with features."""
+UTTERANCE_NORMS = ("none", "mean", "mean_var")
 
-    def __init__(self, spec: InputSpec, per_step: bool, name: str):
+
+def utterance_normalize(x: torch.Tensor, lengths: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-utterance normalization of feature frames x (B, T, F) over each utterance's real
+    frames (lengths (B,)), per feature: "mean" subtracts the utterance's mean (cepstral mean
+    normalization, Atal 1974, here of log-mel bands: a fixed channel or vocal-tract gain is an
+    offset in the log domain), "mean_var" also divides by its standard deviation (CMVN, Viikki &
+    Laurila 1998), "none" returns x. Padded frames come out zero. Raises ValueError for another
+    `kind`."""
+    if kind == "none":
+        return x
+    if kind not in UTTERANCE_NORMS:
+        raise ValueError(f"model.utterance_norm={kind!r}: choose one of {UTTERANCE_NORMS}")
+    mask = frame_mask(lengths, x.shape[1])[:, :, None].to(x.dtype)  # (B, T, 1)
+    count = mask.sum(1, keepdim=True).clamp(min=1.0)  # (B, 1, 1)
+    mean = (x * mask).sum(1, keepdim=True) / count
+    x = (x - mean) * mask
+    if kind == "mean_var":
+        std = ((x * x).sum(1, keepdim=True) / count).sqrt()
+        x = x / std.clamp(min=1e-3)
+    return x
+
+
+class CTCModel(nn.Module):
+    """Base of the acoustic models: checks that it is used per frame, with features, and
+    normalizes each utterance's features first (`utterance_norm`, see `utterance_normalize`)."""
+
+    def __init__(self, spec: InputSpec, per_step: bool, name: str, utterance_norm: str = "none"):
         super().__init__()
+        if utterance_norm not in UTTERANCE_NORMS:
+            raise ValueError(
+                f"model.utterance_norm={utterance_norm!r}: choose one of {UTTERANCE_NORMS}"
+            )
+        self.utterance_norm = utterance_norm
         if not per_step:
             raise ValueError(
                 f"model={name} emits a label distribution per frame for CTC: use it with "
@@ -84,6 +114,7 @@ class CTCModel(nn.Module):
         output lengths (B,))."""
         if lengths is None:
             lengths = torch.full((len(x),), x.shape[1], dtype=torch.int64, device=x.device)
+        x = utterance_normalize(x, lengths, self.utterance_norm)
         h, lengths = self.front(x, lengths)
         return self.head(self.dropout(self.encode(self.dropout(h), lengths))), lengths
 
@@ -105,8 +136,9 @@ class CRNN(CTCModel):
         hidden_size: int,
         num_layers: int,
         dropout: float,
+        utterance_norm: str = "none",
     ):
-        super().__init__(spec, per_step, "crnn")
+        super().__init__(spec, per_step, "crnn", utterance_norm)
         if cell not in ("lstm", "gru"):
             raise ValueError(f"model.cell={cell!r}: choose lstm or gru")
         self.front = ConvFrontEnd(spec.shape[-1], channels, conv_layers, time_stride, hidden_size)
@@ -147,8 +179,9 @@ class ConvTransformer(CTCModel):
         num_layers: int,
         dim_feedforward: int,
         dropout: float,
+        utterance_norm: str = "none",
     ):
-        super().__init__(spec, per_step, "conv_transformer")
+        super().__init__(spec, per_step, "conv_transformer", utterance_norm)
         self.front = ConvFrontEnd(spec.shape[-1], channels, conv_layers, time_stride, d_model)
         self.encoder = pre_norm_encoder(d_model, nhead, dim_feedforward, dropout, num_layers)
         self.norm = nn.LayerNorm(d_model)
