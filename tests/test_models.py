@@ -360,6 +360,27 @@ def test_fasttext_character_ngrams_are_shared_by_related_words():
         )
 
 
+def test_fasttext_word_dropout_leaves_out_whole_words_in_training_only():
+    """A dropped word goes with its character n-grams and the word n-grams touching it: the
+    training forward equals the eval forward of the text with those words made padding."""
+    torch.manual_seed(0)
+    net = _token_model("fasttext", word_ngrams=2, word_dropout=0.4)
+    plain = _token_model("fasttext", word_ngrams=2)
+    plain.load_state_dict(net.state_dict())
+    x = torch.randint(2, VOCAB, (4, 12), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        torch.testing.assert_close(net(x), plain(x), atol=0, rtol=0)  # eval: no dropout
+        net.train()
+        torch.manual_seed(7)
+        trained = net(x)
+        torch.manual_seed(7)
+        dropped = torch.rand(x.shape) < 0.4
+        assert 0 < dropped.sum() < dropped.numel()
+        torch.testing.assert_close(trained, plain(x.masked_fill(dropped, PAD)))
+    with pytest.raises(ValueError, match="word_dropout=1.0"):
+        _token_model("fasttext", word_dropout=1.0)
+
+
 @pytest.mark.parametrize("name", ["gpt", "lstm", "gru", "rnn"])
 def test_causal_models_never_see_the_future(name):
     torch.manual_seed(0)

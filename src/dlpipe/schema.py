@@ -120,6 +120,7 @@ class Model(_Section):
     buckets: PositiveInt | None = None
     char_ngram_min: PositiveInt | None = None  # fasttext: character n-grams of each word
     char_ngram_max: NonNegativeInt | None = None  # 0: none
+    word_dropout: Probability | None = None  # fasttext: DAN word dropout
     frequencies: PositiveInt | None = None  # plr_mlp: periodic embedding
     sigma: Annotated[float, Field(gt=0)] | None = None
     channels: PositiveInt | None = None  # crnn, conv_transformer: conv feature maps

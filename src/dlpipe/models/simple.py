@@ -89,6 +89,11 @@ class FastText(nn.Module):
     characters of "<word>") of each word (nn.EmbeddingBag; word and character n-grams share
     `buckets` rows) -> one hidden layer -> (B, num_classes) logits.
 
+    `word_dropout` (Iyyer et al. 2015, "Deep Unordered Composition Rivals Syntactic Methods
+    for Text Classification", the DAN's word dropout): in training, each word of a text is left
+    out of its bag with this probability, with its character n-grams and every word n-gram
+    touching it, so the network cannot lean on a few strong words; off (identity) in eval mode.
+
     Order-free but for the word n-grams, so it trains in seconds on a CPU and does well on small
     data; the character n-grams let related words ("bored", "boring") share what they learn.
     They are hashed once per vocabulary word (`spec.vocab`, the token strings the text format
@@ -113,9 +118,13 @@ class FastText(nn.Module):
         char_ngram_max: int,
         buckets: int,
         dropout: float,
+        word_dropout: float = 0.0,
     ):
         super().__init__()
         _check(spec, per_step, "fasttext", kinds=("tokens",))
+        if not 0.0 <= word_dropout < 1.0:
+            raise ValueError(f"model.word_dropout={word_dropout} must be in [0, 1)")
+        self.word_dropout = word_dropout
         self.vocab_size, self.pad_id = spec.vocab_size, spec.pad_id
         self.word_ngrams, self.buckets = word_ngrams, buckets
         chars = char_ngram_max > 0
@@ -166,6 +175,10 @@ class FastText(nn.Module):
         return torch.cat(bags, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.word_dropout > 0:
+            # A dropped word becomes padding, so ngram_ids leaves out its n-grams too.
+            dropped = torch.rand(x.shape, device=x.device) < self.word_dropout
+            x = x.masked_fill(dropped, self.pad_id)
         return self.head(self.embed(self.ngram_ids(x)))
 
 
