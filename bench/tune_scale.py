@@ -98,10 +98,13 @@ def _epochs(t: optuna.trial.FrozenTrial) -> int:
 
 
 def unpruned() -> tuple[float, int]:
-    """(best value, trial-epochs) of the last `none` row's study."""
-    url = f"sqlite:///{OUT / 'pruner-none' / 'optuna.db'}"
-    (name,) = optuna.get_all_study_names(url)
-    study = optuna.load_study(study_name=name, storage=url)
+    """(best value, trial-epochs) of the last `none` row's study: its SQLite file, or the
+    journal file beside it when that row ran with `tune.workers` > 1."""
+    root = OUT / "pruner-none"
+    journal = root / "optuna.log"
+    storage = open_storage(str(journal) if journal.exists() else f"sqlite:///{root / 'optuna.db'}")
+    (name,) = optuna.get_all_study_names(storage)
+    study = optuna.load_study(study_name=name, storage=storage)
     return study.best_value, trial_epochs(study)
 
 
