@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from dlpipe.tracking import TrackingServerError, check_reachable, flatten, tracking_uri
+from dlpipe.tracking import (
+    TrackingServerError,
+    artifact_location,
+    check_reachable,
+    flatten,
+    setup_mlflow,
+    tracking_uri,
+)
 from dlpipe.train import train
 
 
@@ -106,3 +113,36 @@ def test_metrics_go_in_one_request_per_epoch_and_all_arrive(make_cfg, monkeypatc
     for key in ("train/loss", "val/loss", "val/acc", "perf/samples_per_s"):
         steps = [m.step for m in client.get_metric_history(info["run_id"], key)]
         assert len(steps) == 3 and len(set(steps)) == 3, (key, steps)
+
+
+def test_a_store_elsewhere_keeps_its_artifacts_beside_it(tmp_path, monkeypatch):
+    """MLflow's default artifact root is ./mlruns of the working directory; a SQLite store in
+    another folder gets its experiments' artifacts in <its folder>/mlruns instead."""
+    import mlflow
+
+    work, store = tmp_path / "work", tmp_path / "store"
+    work.mkdir()
+    store.mkdir()
+    monkeypatch.chdir(work)
+    before = mlflow.get_tracking_uri()
+    try:
+        experiment_id = setup_mlflow(f"sqlite:///{store / 'mlflow.db'}", "dlpipe-my data/v1")
+        with mlflow.start_run(experiment_id=experiment_id):
+            mlflow.log_text("hello", "note.txt")
+        assert len(list(store.glob("mlruns/dlpipe-my_data_v1/*/artifacts/note.txt"))) == 1
+        assert not (work / "mlruns").exists()
+        # a second process finds the experiment as it is
+        assert setup_mlflow(f"sqlite:///{store / 'mlflow.db'}", "dlpipe-my data/v1") == experiment_id
+    finally:
+        mlflow.set_tracking_uri(before)
+    # the embedded default (a store in the working directory) and servers: MLflow's own layout
+    assert artifact_location("sqlite:///mlflow.db", "x") is None
+    assert artifact_location("http://127.0.0.1:5000", "x") is None
+
+
+def test_train_logs_beside_a_store_elsewhere(make_cfg, tmp_path):
+    cfg = make_cfg()
+    cfg.mlflow.experiment = "fresh"  # after composing: the fixture pre-creates its experiment
+    info = train(cfg)
+    db = Path(cfg.mlflow.tracking_uri.removeprefix("sqlite:///"))
+    assert (db.parent / "mlruns" / "fresh" / info["run_id"] / "artifacts" / "config.yaml").is_file()

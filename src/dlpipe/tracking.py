@@ -93,6 +93,12 @@ def setup_mlflow(configured_uri: str | None, experiment: str) -> str:
     if not sys.stderr.isatty():  # a log file: MLflow's download bars would fill it with \r
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     mlflow.set_tracking_uri(uri)
+    location = artifact_location(uri, experiment)
+    if location is not None and mlflow.get_experiment_by_name(experiment) is None:
+        try:
+            mlflow.create_experiment(experiment, artifact_location=location)
+        except mlflow.exceptions.MlflowException:
+            pass  # another worker created it first; set_experiment reads (or raises) below
     found = mlflow.set_experiment(experiment)
     mark_experiment(mlflow.MlflowClient(), found)
     return found.experiment_id
@@ -155,6 +161,25 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Where a new experiment of the SQLite store `uri` keeps its artifacts: the `mlruns/`
+    folder beside the database file, `<that folder>/mlruns/<experiment>` (the name with
+    characters other than letters, digits, `.`, `_`, `-` replaced by `_`), as a file:// URI.
+    None, i.e. MLflow's own default `./mlruns/<experiment id>`, for other stores and for a
+    database in the working directory (the embedded default, sqlite:///mlflow.db). MLflow's
+    default is relative to the process's working directory, not to the store, so without this
+    a store elsewhere (a benchmark's, a test's, `sqlite:///models/mlflow.db`) would scatter
+    its artifacts over whatever folders its stages were started in."""
+    db = sqlite_path(uri)
+    if db is None:
+        return None
+    folder = db.resolve().parent
+    if folder == Path.cwd().resolve():
+        return None
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in experiment)
+    return (folder / "mlruns" / safe).as_uri()
 
 
 # --- a project folder that moves ----------------------------------------------------------

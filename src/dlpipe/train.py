@@ -43,6 +43,7 @@ from dlpipe.schema import ConfigError, check_config
 from dlpipe.tasks import divergence_hint, get_task
 from dlpipe.tracking import (
     TrackingServerError,
+    artifact_location,
     bound_http_retries,
     check_reachable,
     check_store_location,
@@ -134,6 +135,7 @@ def fit(
     bound_http_retries(uri)
     logger = ServerLogger(
         experiment_name=cfg.mlflow.experiment,
+        artifact_location=artifact_location(uri, cfg.mlflow.experiment),
         run_name=run_name,
         tracking_uri=uri,
         tags={**provenance_tags(meta), **(tags or {})},
