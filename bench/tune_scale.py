@@ -211,12 +211,6 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault(MIRROR_ENV, str(DEFAULT_MIRROR))
     processed = prepare_data(args.limit, [])
-    if args.plot is not None:
-        args.plot = args.plot.resolve()
-    # MLflow puts a SQLite store's artifacts in ./mlruns of the working directory: keep them
-    # under OUT with the stores, not in whatever folder the bench was started from.
-    OUT.mkdir(parents=True, exist_ok=True)
-    os.chdir(OUT)
     common = [f"tune.n_trials={args.trials}", f"tune.max_epochs={args.epochs}", *args.set]
     print(f"load average (1/5 min) at start: {load()}", flush=True)
 
