@@ -6,6 +6,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from dlpipe.collect import collect
+from dlpipe.entry import finish
 from dlpipe.errors import reported
 from dlpipe.smoke import sized
 
@@ -19,3 +20,4 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     main()
+    finish()  # no interpreter teardown: 1-3 s per stage (dlpipe.entry)

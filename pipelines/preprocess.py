@@ -5,6 +5,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from dlpipe.entry import finish
 from dlpipe.errors import reported
 from dlpipe.preprocess import preprocess
 from dlpipe.smoke import sized
@@ -24,3 +25,4 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     main()
+    finish()  # no interpreter teardown: 1-3 s per stage (dlpipe.entry)

@@ -132,7 +132,9 @@ def test_a_store_elsewhere_keeps_its_artifacts_beside_it(tmp_path, monkeypatch):
         assert len(list(store.glob("mlruns/dlpipe-my_data_v1/*/artifacts/note.txt"))) == 1
         assert not (work / "mlruns").exists()
         # a second process finds the experiment as it is
-        assert setup_mlflow(f"sqlite:///{store / 'mlflow.db'}", "dlpipe-my data/v1") == experiment_id
+        assert (
+            setup_mlflow(f"sqlite:///{store / 'mlflow.db'}", "dlpipe-my data/v1") == experiment_id
+        )
     finally:
         mlflow.set_tracking_uri(before)
     # the embedded default (a store in the working directory) and servers: MLflow's own layout
