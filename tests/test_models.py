@@ -381,6 +381,23 @@ def test_fasttext_word_dropout_leaves_out_whole_words_in_training_only():
         _token_model("fasttext", word_dropout=1.0)
 
 
+def test_fasttext_depth_stacks_hidden_layers_and_keeps_one_layer_checkpoints():
+    one = _token_model("fasttext")
+    assert [k.split(".", 1)[1] for k in one.state_dict() if ".head." in k] == [
+        "head.0.weight",
+        "head.0.bias",
+        "head.3.weight",
+        "head.3.bias",
+    ]  # the layout of checkpoints saved before depth existed
+    deep = _token_model("fasttext", depth=3)
+    hidden = [m for m in deep.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(hidden) == 4  # three hidden layers and the output layer
+    x = torch.randint(2, VOCAB, (4, 12), generator=torch.Generator().manual_seed(3))
+    assert deep(x).shape == one(x).shape
+    with pytest.raises(ValueError, match="model.depth=0"):
+        _token_model("fasttext", depth=0)
+
+
 @pytest.mark.parametrize("name", ["gpt", "lstm", "gru", "rnn"])
 def test_causal_models_never_see_the_future(name):
     torch.manual_seed(0)

@@ -87,7 +87,7 @@ class FastText(nn.Module):
     token ids (B, L) -> the mean embedding of the text's words, of its hashed word n-grams
     (2..`word_ngrams`) and of the hashed character n-grams (`char_ngram_min`..`char_ngram_max`
     characters of "<word>") of each word (nn.EmbeddingBag; word and character n-grams share
-    `buckets` rows) -> one hidden layer -> (B, num_classes) logits.
+    `buckets` rows) -> `depth` hidden layers (ReLU, dropout) -> (B, num_classes) logits.
 
     `word_dropout` (Iyyer et al. 2015, "Deep Unordered Composition Rivals Syntactic Methods
     for Text Classification", the DAN's word dropout): in training, each word of a text is left
@@ -119,6 +119,7 @@ class FastText(nn.Module):
         buckets: int,
         dropout: float,
         word_dropout: float = 0.0,
+        depth: int = 1,
     ):
         super().__init__()
         _check(spec, per_step, "fasttext", kinds=("tokens",))
@@ -151,12 +152,13 @@ class FastText(nn.Module):
         # n-gram bucket no training text filled stays near zero, instead of adding noise to
         # the mean of every test text that hashes into it.
         nn.init.uniform_(self.embed.weight, -1 / embed_dim, 1 / embed_dim)
-        self.head = nn.Sequential(
-            nn.Linear(embed_dim, hidden_size),
-            nn.ReLU(),
-            nn.Dropout(dropout),
-            nn.Linear(hidden_size, num_classes),
-        )
+        if depth < 1:
+            raise ValueError(f"model.depth={depth} must be at least 1 (hidden layers)")
+        layers: list[nn.Module] = []
+        for i in range(depth):
+            layers += [nn.Linear(embed_dim if i == 0 else hidden_size, hidden_size), nn.ReLU()]
+            layers.append(nn.Dropout(dropout))
+        self.head = nn.Sequential(*layers, nn.Linear(hidden_size, num_classes))
 
     def ngram_ids(self, x: torch.Tensor) -> torch.Tensor:
         """(B, L) token ids -> (B, L + (L-1) + ... + L*K) ids of the words, their word n-grams
