@@ -148,3 +148,21 @@ def test_train_logs_beside_a_store_elsewhere(make_cfg, tmp_path):
     info = train(cfg)
     db = Path(cfg.mlflow.tracking_uri.removeprefix("sqlite:///"))
     assert (db.parent / "mlruns" / "fresh" / info["run_id"] / "artifacts" / "config.yaml").is_file()
+
+
+def test_a_store_in_a_subfolder_is_not_taken_for_a_moved_project(tmp_path, monkeypatch):
+    """sqlite:///models/mlflow.db: the second stage's check used to see MLflow's "Default"
+    experiment (made with the store, at ./mlruns of the first stage) as another project."""
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    before = mlflow.get_tracking_uri()
+    try:
+        for _ in range(2):  # two stages
+            experiment_id = setup_mlflow("sqlite:///models/mlflow.db", "sub")
+            with mlflow.start_run(experiment_id=experiment_id):
+                mlflow.log_text("x", "a.txt")
+    finally:
+        mlflow.set_tracking_uri(before)
+    assert len(list((tmp_path / "models" / "mlruns" / "sub").glob("*/artifacts/a.txt"))) == 2

@@ -195,9 +195,15 @@ def sqlite_path(uri: str) -> Path | None:
 
 
 def recorded_roots(db: Path) -> set[Path]:
-    """The project folders whose `mlruns/` the store's experiments keep artifacts in."""
+    """The project folders whose `mlruns/` the store's experiments that hold runs keep their
+    artifacts in. An experiment without runs reads and writes nothing; that leaves out the
+    "Default" experiment MLflow creates with every store at ./mlruns of the process that
+    created it, which for a store outside the working directory is not the store's folder."""
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
-        rows = con.execute("SELECT artifact_location FROM experiments").fetchall()
+        rows = con.execute(
+            "SELECT artifact_location FROM experiments WHERE experiment_id IN "
+            "(SELECT DISTINCT experiment_id FROM runs)"
+        ).fetchall()
     roots = set()
     for (location,) in rows:
         path = Path((location or "").removeprefix("file://"))
