@@ -154,11 +154,13 @@ class FastText(nn.Module):
         nn.init.uniform_(self.embed.weight, -1 / embed_dim, 1 / embed_dim)
         if depth < 1:
             raise ValueError(f"model.depth={depth} must be at least 1 (hidden layers)")
-        layers: list[nn.Module] = []
-        for i in range(depth):
-            layers += [nn.Linear(embed_dim if i == 0 else hidden_size, hidden_size), nn.ReLU()]
-            layers.append(nn.Dropout(dropout))
-        self.head = nn.Sequential(*layers, nn.Linear(hidden_size, num_classes))
+        widths = [embed_dim] + [hidden_size] * depth
+        hidden = [
+            layer
+            for n_in in widths[:-1]
+            for layer in (nn.Linear(n_in, hidden_size), nn.ReLU(), nn.Dropout(dropout))
+        ]
+        self.head = nn.Sequential(*hidden, nn.Linear(hidden_size, num_classes))
 
     def ngram_ids(self, x: torch.Tensor) -> torch.Tensor:
         """(B, L) token ids -> (B, L + (L-1) + ... + L*K) ids of the words, their word n-grams
