@@ -116,6 +116,28 @@ def test_study_resumes_to_its_budget(make_cfg, tmp_path, storage):
     assert json.loads((out / "study.json").read_text()) == third
 
 
+def test_a_study_resumed_against_another_mlflow_store_gets_a_parent_there(
+    make_cfg, tmp_path, caplog
+):
+    """mlflow.db deleted (or mlflow.tracking_uri changed) while the Optuna study is kept: the
+    resumed study used to fail with MLflow's "Run with id=... not found"."""
+
+    def compose(n_trials: int, db: str) -> DictConfig:
+        cfg = make_cfg(*LEARNS, "tune.max_epochs=1", f"tune.n_trials={n_trials}")
+        cfg.mlflow.tracking_uri = f"sqlite:///{tmp_path / db}"  # after composing: see fixture
+        return _with_space(cfg, SMALL_SPACE)
+
+    first = tune(compose(1, "first.db"))
+    with caplog.at_level("WARNING", logger="dlpipe.tuning.study"):
+        second = tune(compose(2, "second.db"))
+    assert "is not in this store" in caplog.text
+    assert second["mlflow_run_id"] != first["mlflow_run_id"]
+    assert [t.number for t in _study(compose(2, "second.db")).trials] == [0, 1]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'second.db'}")
+    assert client.get_run(second["mlflow_run_id"]).data.tags["optuna.parent"] == "true"
+    assert sorted(_children(client, second["mlflow_run_id"])) == [1]
+
+
 def test_train_picks_up_the_best_trial(make_cfg):
     cfg = _with_space(make_cfg(*LEARNS, "tune.n_trials=1", "tune.max_epochs=1"), SMALL_SPACE)
     tune(cfg)

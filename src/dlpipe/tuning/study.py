@@ -209,10 +209,25 @@ def parent_run(study: optuna.Study, client: MlflowClient, experiment_id: str, st
     the study and its storage, then all agree on the earliest candidate (start time, then run
     id) and delete their own if it lost. A later candidate always sees the earlier ones, so all
     pick the same. The storage is part of the match: two studies of one name in two storages
-    (say two journal files) logging to one MLflow experiment are two studies."""
+    (say two journal files) logging to one MLflow experiment are two studies.
+
+    A study resumed against another MLflow store than the one holding its recorded parent run
+    (mlflow.db deleted, or `mlflow.tracking_uri` changed while the Optuna storage was kept)
+    gets a new parent run in this store, with a warning: the earlier trials' runs stay where
+    they were logged, the study itself loses nothing."""
+    from mlflow.exceptions import MlflowException
+
     known = study.user_attrs.get("mlflow_run_id")
     if known is not None:
-        return known
+        try:
+            client.get_run(known)
+            return known
+        except MlflowException:
+            log.warning(
+                "study %s: its MLflow parent run %s is not in this store (%s); its trials so far "
+                "keep their runs where they were logged, this invocation's go under a new parent",
+                study.study_name, known, client.tracking_uri,
+            )  # fmt: skip
     storage = shown_storage(storage)
     filter_string = (
         f"tags.`optuna.study` = '{study.study_name}' and tags.stage = 'tune' "
