@@ -16,8 +16,11 @@ import yaml
 from dvc.utils.hydra import compose_and_dump
 from omegaconf import OmegaConf
 
+from dlpipe.errors import ConfigError
 from dlpipe.models import available_models, create_model, generative_models, register
+from dlpipe.models.layers import DeepEnsemble
 from dlpipe.models.simple import char_ngram_ids
+from dlpipe.modules.classifier import Classifier
 from dlpipe.train import to_dict, with_overrides
 from dlpipe.tune import suggest
 
@@ -205,7 +208,11 @@ def _required(group: str, option: str) -> list[str]:
 def test_every_conf_option_composes(compose_conf, group, option):
     cfg = compose_conf(f"{group}={option}", *_required(group, option))
     resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    assert set(resolved[group]) == set(OmegaConf.load(CONF / group / f"{option}.yaml"))
+    # The option's keys, and those config.yaml gives every option of the group (model.members).
+    shared = OmegaConf.load(CONF / "config.yaml").get(group) or {}
+    assert set(resolved[group]) == set(OmegaConf.load(CONF / group / f"{option}.yaml")) | set(
+        shared
+    )
     if group == "model":
         # The model's own search space comes with it, and its yaml fits the builder's arguments.
         assert resolved["search"] == OmegaConf.to_container(
@@ -396,6 +403,69 @@ def test_fasttext_depth_stacks_hidden_layers_and_keeps_one_layer_checkpoints():
     assert deep(x).shape == one(x).shape
     with pytest.raises(ValueError, match="model.depth=0"):
         _token_model("fasttext", depth=0)
+
+
+def test_a_deep_ensemble_votes_with_its_members_mean_probabilities():
+    ensemble = _token_model("fasttext", members=3)
+    front, body = ensemble
+    assert isinstance(body, DeepEnsemble) and len(body.members) == 3
+    x = torch.randint(2, VOCAB, (5, 12), generator=torch.Generator().manual_seed(4))
+    members = body.member_logits(front(x))  # (3, 5, classes)
+    assert members.shape == (3, 5, NUM_CLASSES)
+    # Each member starts from its own initialization...
+    assert not torch.allclose(members[0], members[1])
+    # ...and the output's softmax is their mean probability, its argmax their vote.
+    torch.testing.assert_close(ensemble(x).softmax(-1), members.softmax(-1).mean(0))
+    # A checkpoint rebuilds from the same config, member for member.
+    again = _token_model("fasttext", members=3)
+    again.load_state_dict(ensemble.state_dict())
+    torch.testing.assert_close(again(x), ensemble(x))
+    assert len(_token_model("fasttext", members=1)) == 2  # one network: no ensemble around it
+
+
+def test_each_member_of_a_deep_ensemble_learns_from_its_own_loss_only():
+    model = {**_defaults("mlp", dropout=0.0), "members": 2}
+    net = {"input_shape": (6,), "num_classes": 3, "input_kind": "features"}
+    optim = OmegaConf.to_container(OmegaConf.load(CONF / "config.yaml").optim)
+    module = Classifier(model, net, optim, label_smoothing=0.0)
+    module.log = lambda *args, **kwargs: None  # no trainer attached
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    loss = module.training_step((x, y), 0)
+    first, second = module.net[1].members
+    # The value: the members' mean cross-entropy, one network's scale...
+    own = [F.cross_entropy(member(x), y) for member in (first, second)]
+    torch.testing.assert_close(loss, (own[0] + own[1]).detach() / 2)
+    loss.backward()
+    together = [p.grad.clone() for p in first.parameters()]
+    module.zero_grad()
+    # ...the gradient: exactly the member's own, as if it trained alone (under any optimizer).
+    F.cross_entropy(first(x), y).backward()
+    for a, b in zip(together, (p.grad for p in first.parameters()), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"num_classes": 1},  # a regressor's or a fraud detector's one output
+        {"num_classes": VOCAB, "per_step": True},  # a language model
+    ],
+    ids=["one-output", "per-step"],
+)
+def test_a_deep_ensemble_of_anything_but_a_classifier_is_refused(kwargs):
+    model = _defaults("gru", dropout=0.0)
+    with pytest.raises(ConfigError, match=r"model.members=3 .* task=classifier only"):
+        create_model(
+            model.pop("name"),
+            input_shape=(24,),
+            input_kind="tokens",
+            vocab_size=VOCAB,
+            members=3,
+            **model,
+            **kwargs,
+        )
+    with pytest.raises(ConfigError, match="task=classifier only"):
+        create_model("autoencoder", input_shape=(28, 28), members=2, **SMALL["autoencoder"])
 
 
 @pytest.mark.parametrize("name", ["gpt", "lstm", "gru", "rnn"])

@@ -21,6 +21,9 @@ from dlpipe.tune import tune
         ("seed=true", r"seed=True: must be a valid integer"),
         ("model.dropout=1.5", r"model.dropout=1.5: must be less than 1"),
         ("optim.name=rmsprop", r"optim.name='rmsprop': must be 'sgd', 'adam' or 'adamw'"),
+        ("model.members=0", r"model.members=0: must be greater than 0"),
+        # A deep ensemble averages class probabilities: nothing else has them.
+        ("experiment=housing_plr model.members=3", r"task=classifier only, not task=regressor"),
     ],
 )
 @pytest.mark.parametrize("stage", [tune, train, evaluate, register])
@@ -28,7 +31,9 @@ def test_bad_value_stops_the_stage_before_anything_is_logged(
     compose_conf, tmp_path: Path, override, message, stage
 ):
     db = tmp_path / "mlflow.db"
-    cfg = compose_conf(override, f"mlflow.tracking_uri=sqlite:///{db}", f"paths.tune={tmp_path}")
+    cfg = compose_conf(
+        *override.split(), f"mlflow.tracking_uri=sqlite:///{db}", f"paths.tune={tmp_path}"
+    )
     with pytest.raises(ConfigError, match=message):
         stage(cfg)
     assert not db.exists()  # no MLflow run (FAILED or otherwise) was created

@@ -97,6 +97,7 @@ class Model(_Section):
     """The sizes any registered model may have (each model uses some of them)."""
 
     name: str
+    members: PositiveInt | None = None  # > 1: a deep ensemble (classifiers only)
     width: PositiveInt | None = None
     depth: PositiveInt | None = None
     convs_per_stage: PositiveInt | None = None
@@ -137,8 +138,13 @@ class Mlflow(_Section):
     system_metrics_s: Annotated[float, Field(gt=0)] | None = None  # null: off
 
 
+class Task(_Section):
+    name: str
+
+
 class Config(_Section):
     seed: Annotated[int, Field(strict=True)]
+    task: Task
     # An alias: `register` is a pydantic BaseModel attribute (ABC registration).
     register_: Register = Field(Register(), alias="register")
     mlflow: Mlflow = Mlflow()
@@ -165,6 +171,12 @@ def check_config(cfg: DictConfig | dict[str, Any]) -> None:
             "bad config value(s); fix them as Hydra overrides (e.g. optim.lr=0.001):\n  "
             + "\n  ".join(lines)
         ) from None
+    members, task = tree["model"].get("members") or 1, tree["task"]["name"]
+    if members > 1 and task != "classifier":
+        raise ConfigError(
+            f"model.members={members} (a deep ensemble averaging class probabilities) is for "
+            f"task=classifier only, not task={task}: set model.members=1"
+        )
 
 
 def _allowed(error: dict[str, Any]) -> str:

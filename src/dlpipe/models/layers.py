@@ -1,5 +1,6 @@
 """Building blocks every network shares: the input preprocessing layers that make a saved network
-self-contained (`Normalize`, `Standardize`), and activations and norms chosen by name."""
+self-contained (`Normalize`, `Standardize`), activations and norms chosen by name, and the deep
+ensemble of several classifiers (`DeepEnsemble`)."""
 
 from __future__ import annotations
 
@@ -87,3 +88,29 @@ def pre_norm_encoder(
     )
     # enable_nested_tensor only speeds up padded batches, and warns with norm_first.
     return nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+
+
+class DeepEnsemble(nn.Module):
+    """A deep ensemble (Lakshminarayanan et al. 2017, "Simple and Scalable Predictive
+    Uncertainty Estimation using Deep Ensembles"): K classifiers of one architecture, each
+    with its own random initialization, trained side by side on the same batches, each on its
+    own loss (`member_logits`; the classifier task gives each member the gradient of its own
+    cross-entropy, so it learns as it would alone, and none sees another's).
+
+    forward: the same input -> (B, C) logits of the members' mean class probabilities,
+    log(mean_k softmax(z_k)), so softmax of the output is that mean and argmax its vote.
+    Raises ValueError for fewer than two members."""
+
+    def __init__(self, members: Sequence[nn.Module]):
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError(f"a deep ensemble needs at least 2 members, got {len(members)}")
+        self.members = nn.ModuleList(members)
+
+    def member_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(K, B, C): each member's logits."""
+        return torch.stack([member(x) for member in self.members])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        log_probs = self.member_logits(x).log_softmax(-1)
+        return torch.logsumexp(log_probs, dim=0) - math.log(len(self.members))

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from dlpipe.errors import ConfigError
-from dlpipe.models.layers import Normalize, Standardize
+from dlpipe.models.layers import DeepEnsemble, Normalize, Standardize
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 _GENERATIVE: set[str] = set()
@@ -89,13 +89,18 @@ def create_model(
     pad_id: int = 0,
     vocab: Sequence[str] | None = None,
     per_step: bool = False,
+    members: int | None = None,
     **kwargs,
 ) -> nn.Module:
     """Build `name`. A predictor comes with its preprocessing in front (raw batch in, logits
     out) and needs `num_classes`; a generative network takes neither classes nor `per_step`.
+    `members` > 1 (`model.members`) builds a classifier as a deep ensemble of that many
+    networks (`layers.DeepEnsemble`) behind the one preprocessing.
 
-    Raises ValueError naming the valid choices for an unknown name or input kind, and for a
-    generative network asked to predict (or a predictor without `num_classes`)."""
+    Raises ConfigError for an unknown name, and for `members` > 1 where nothing is classified
+    (one output, per-step outputs, a generative network); ValueError naming the valid choices
+    for an unknown input kind, and for a generative network asked to predict (or a predictor
+    without `num_classes`)."""
     if name not in _BUILDERS:
         raise ConfigError(
             f"unknown model {name!r}: choose one of {available_models()} "
@@ -111,6 +116,12 @@ def create_model(
         input_kind, tuple(input_shape), vocab_size, pad_id, None if vocab is None else tuple(vocab)
     )
     predictors = sorted(set(_BUILDERS) - _GENERATIVE)
+    members = members or 1
+    if members > 1 and (name in _GENERATIVE or per_step or (num_classes or 0) < 2):
+        raise ConfigError(
+            f"model.members={members} (a deep ensemble averaging class probabilities) is for "
+            f"task=classifier only: set model.members=1 for this task"
+        )
     if name in _GENERATIVE:
         if num_classes is not None or per_step:
             raise ValueError(
@@ -122,7 +133,11 @@ def create_model(
         return _BUILDERS[name](spec=spec, **kwargs)
     if num_classes is None:
         raise ValueError(f"model={name} needs num_classes (the data's classes, or 1 output)")
-    body = _BUILDERS[name](spec=spec, num_classes=num_classes, per_step=per_step, **kwargs)
+    nets = [
+        _BUILDERS[name](spec=spec, num_classes=num_classes, per_step=per_step, **kwargs)
+        for _ in range(members)
+    ]
+    body = nets[0] if members == 1 else DeepEnsemble(nets)
     if input_kind == "image":
         front: nn.Module = Normalize(mean, std)
     elif input_kind == "features" and mean is not None:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from dlpipe.models import create_model
+from dlpipe.models.layers import DeepEnsemble
 from dlpipe.optim import configure_optimizers
 
 
@@ -32,6 +33,13 @@ class Classifier(L.LightningModule):
         self.net = create_model(**model, **net)
         # Kept out of the module tree so the state_dict keys stay those of `net`.
         self.__dict__["_forward"] = torch.compile(self.net) if compile else self.net
+        self.__dict__["_member_logits"] = None
+        if isinstance(self.net[-1], DeepEnsemble):
+            front, ensemble = self.net
+            member_logits = lambda x: ensemble.member_logits(front(x))  # noqa: E731
+            self.__dict__["_member_logits"] = (
+                torch.compile(member_logits) if compile else member_logits
+            )
         num_classes = net["num_classes"]
         # validate_args=False: the default check calls torch.unique, a device sync every step.
         self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
@@ -42,8 +50,22 @@ class Classifier(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
         x, y = batch
-        logits = self(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        if self._member_logits is not None:
+            # A deep ensemble: each member learns from its own cross-entropy alone. The loss
+            # has the value of their mean (train/loss and the divergence check stay on one
+            # network's scale) and the gradient of their sum (each member takes the step it
+            # would take alone, under any optimizer). train/acc measures the ensemble's vote.
+            members = self._member_logits(x)  # (K, B, C)
+            mean = F.cross_entropy(
+                members.flatten(0, 1),
+                y.repeat(len(members)),
+                label_smoothing=self.hparams.label_smoothing,
+            )
+            loss = mean + (len(members) - 1) * (mean - mean.detach())
+            logits = members.detach().log_softmax(-1).logsumexp(0)
+        else:
+            logits = self(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
         self.train_acc.update(logits, y)  # computed once per epoch, when logged
         # Epoch aggregates only: values stay on the device, no host sync inside the loop.
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
